@@ -1,0 +1,1 @@
+"""The policy: backbone, tokenizer, and how observations become prompts and text becomes actions."""

@@ -1,0 +1,1 @@
+"""The learner side: config schema, SFT, RL algorithms and the training loops."""

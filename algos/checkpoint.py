@@ -1,0 +1,115 @@
+"""Checkpoints: a `save_pretrained` policy folder plus the learner's full state, resumable exactly.
+
+Layout of one checkpoint (`<run>/checkpoints/step_0000200/`):
+    model/     save_pretrained weights + config + tokenizer (what eval, vLLM and users load)
+    learner/   the DeepSpeed checkpoint: (ZeRO-partitioned) weights, optimizer, LR scheduler
+    state.pt   step, data cursor, RNG states, anything the loop needs to continue
+    COMPLETE   written last: a checkpoint without it was cut off mid-save and is ignored
+`<run>/checkpoints/latest` names the newest complete one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+COMPLETE = "COMPLETE"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, engine, tokenizer, state: dict[str, Any], keep: int) -> Path:
+    root = checkpoint_root(run_dir)
+    ck = root / f"step_{step:07d}"
+    if ck.exists():
+        shutil.rmtree(ck)
+    ck.mkdir(parents=True)
+    engine.save_checkpoint(str(ck / "learner"), tag="state")
+    save_policy(engine, tokenizer, ck / "model")
+    torch.save(state, ck / "state.pt")
+    (ck / COMPLETE).touch()
+    _write_atomic(root / "latest", ck.name)
+    complete = sorted(p for p in root.glob("step_*") if (p / COMPLETE).exists())
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return ck
+
+
+def save_policy(engine, tokenizer, folder: Path) -> None:
+    """save_pretrained of the engine's module; under ZeRO-3 the shards are gathered first."""
+    module = engine.module
+    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        module.save_pretrained(folder, state_dict=state)
+    else:
+        module.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    root = checkpoint_root(run_dir)
+    pointer = root / "latest"
+    if pointer.exists():
+        ck = root / pointer.read_text().strip()
+        if (ck / COMPLETE).exists():
+            return ck
+    complete = sorted(p for p in root.glob("step_*") if (p / COMPLETE).exists())
+    return complete[-1] if complete else None
+
+
+def load_learner_state(ck: Path, engine) -> dict[str, Any]:
+    """Restore weights/optimizer/scheduler into `engine`; return the loop state saved beside them."""
+    if not (ck / COMPLETE).exists():
+        raise CheckpointError(f"{ck} is not a complete checkpoint (no {COMPLETE} marker)")
+    path, _ = engine.load_checkpoint(str(ck / "learner"), tag="state")
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load the learner state under {ck / 'learner'}")
+    return torch.load(ck / "state.pt", weights_only=False)
+
+
+def policy_folder(path: str | Path) -> Path:
+    """Accept a run folder, a checkpoint folder or a save_pretrained folder; return the latter."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if (path / "checkpoints").is_dir():  # a run folder: its newest checkpoint
+        ck = latest_checkpoint(path)
+        if ck is None:
+            raise CheckpointError(f"{path} is a run folder with no complete checkpoint yet")
+        path = ck
+    if (path / "model").is_dir():
+        path = path / "model"
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path} holds no model (no config.json): pass a run, checkpoint or model folder")
+    return path
+
+
+def load_policy(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from any folder `policy_folder` accepts, with a clear error if unreadable."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = policy_folder(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    except Exception as e:  # corrupt weights, truncated json, missing tokenizer files...
+        raise CheckpointError(f"cannot load the policy in {folder}: {type(e).__name__}: {e}") from None
+    return model.eval(), tokenizer

@@ -1,0 +1,191 @@
+"""The experiment schema and its loader: YAML recipe + `key=value` overrides -> validated config.
+
+Each section's schema lives next to the code that consumes it (the model's in agents/model.py, the
+environment's in its envs/ package); this module assembles them, so that one `Experiment` object
+is all a builder needs. Every wrong key or value fails here, before any work starts, with a message
+that names the key, where it came from (the file or the command line) and the closest valid key.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import envs
+from agents.model import ModelConfig
+from agents.tokenizer import TokenizerConfig
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RuntimeConfig(_Section):
+    """Where and how tensors live: shared by the SFT learner, the RL learner and the engines."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: int = Field(0, ge=0, le=3)
+    offload_optimizer: bool = Field(False, description="ZeRO CPU offload of optimizer state (stages 1-3)")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = torch's default")
+
+
+class DemoConfig(_Section):
+    """Which expert demonstrations SFT imitates (the env package writes them)."""
+
+    num_examples: int = Field(20_000, ge=1, description="demonstrations, one per train task")
+    # Countdown: "sos" = streams of search, "optimal" = the solution path only (the paper's baseline)
+    format: Literal["sos", "optimal"] = "sos"
+    # The searches a "sos" stream is written by, each picked at random per problem (the paper: all)
+    strategies: list[Literal["dfs", "bfs"]] = ["dfs", "bfs"]
+    heuristics: list[Literal["sum", "mult"]] = ["sum", "mult"]
+    beams: list[int] = [1, 2, 3, 4, 5]
+
+    def options(self) -> dict:
+        """Keyword arguments of TaskSource.demonstrations."""
+        opts = self.model_dump(exclude={"num_examples"})
+        if self.format != "sos":  # only streams of search are written by a search
+            opts = {"format": self.format}
+        return opts
+
+
+class SFTConfig(_Section):
+    demos: DemoConfig = DemoConfig()
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(32, ge=1, description="sequences per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay floor, as a fraction of lr")
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0, description="held-out eval every N steps; 0 = only at the end")
+    eval_tasks: int = Field(200, ge=1, description="held-out tasks in the periodic eval")
+    save_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class EvalConfig(_Section):
+    split: str = "heldout_unseen"
+    num_tasks: int | None = Field(None, ge=1, description="None = the whole split")
+    problems_file: str | None = Field(None, description="a JSONL file of tasks to run instead of a split")
+    batch_size: int = Field(256, ge=1)
+    max_new_tokens: int = Field(1024, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class EnvSection(BaseModel):
+    """`env.name` picks the environment; its other keys are checked against that env's own schema."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class Experiment(_Section):
+    name: str
+    seed: int = 0
+    out_dir: str = Field(description="run folder: checkpoints, logs, metrics")
+    data_dir: str = Field("data", description="cache of generated tasks and demonstrations")
+    env: EnvSection
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = ModelConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    sft: SFTConfig = SFTConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check_cross_section(self) -> Experiment:
+        if self.runtime.offload_optimizer and self.runtime.zero_stage == 0:
+            raise ValueError("runtime.offload_optimizer needs runtime.zero_stage ≥ 1")
+        return self
+
+    def env_options(self) -> dict[str, Any]:
+        """The env section without its `name`: the keyword arguments of envs.make."""
+        return {k: v for k, v in self.env.model_dump().items() if k != "name"}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message says which key, where from, and what is wrong."""
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The valid keys of the section at `loc` (for 'did you mean')."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _describe(err: dict, schema: type[BaseModel], prefix: tuple, origin) -> str:
+    loc = prefix + tuple(str(p) for p in err["loc"])
+    key = ".".join(loc)
+    where = origin(key)
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(schema, tuple(err["loc"][:-1]))
+        close = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else ""
+        return f"unknown key '{key}' ({where}){hint} Valid keys here: {', '.join(valid)}"
+    if err["type"] == "missing":
+        return f"missing key '{key}' ({where})"
+    got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"bad value for '{key}' ({where}): {msg}{got}" if loc else f"{where}: {msg}"
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
+    """Read a YAML recipe, apply `key=value` overrides, and validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = OmegaConf.load(path)
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError, OSError) as e:
+        raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"command-line overrides must look like key=value, got: {' '.join(bad)}")
+    override_keys = {o.split("=", 1)[0].lstrip("+") for o in overrides}
+    try:
+        merged = OmegaConf.merge(raw, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+
+    def origin(key: str) -> str:
+        return "command-line override" if key in override_keys else f"in {path}"
+
+    data.setdefault("name", path.stem)
+    data.setdefault("out_dir", f"runs/{data['name']}")
+    try:
+        exp = Experiment.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError("\n".join(_describe(err, Experiment, (), origin) for err in e.errors())) from None
+    # The env section is checked by its own schema, picked by name.
+    known = envs.list_envs()
+    if exp.env.name not in known:
+        close = difflib.get_close_matches(exp.env.name, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown env.name '{exp.env.name}' ({origin('env.name')}){hint} Known: {', '.join(known)}")
+    env_schema = envs.config_class(exp.env.name)
+    try:
+        env_schema.model_validate(exp.env_options())
+    except ValidationError as e:
+        raise ConfigError("\n".join(_describe(err, env_schema, ("env",), origin) for err in e.errors())) from None
+    return exp
+
+
+def save_config(exp: Experiment, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(exp.model_dump(mode="json")), path)

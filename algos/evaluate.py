@@ -1,0 +1,87 @@
+"""Held-out evaluation: play each task once with the policy and report what happened.
+
+Single-turn environments (Countdown streams) are evaluated in one batched generation: every
+prompt goes to the engine together, then each completion is scored by the environment.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+import envs
+from agents.formats import format_for
+from algos.config import EvalConfig
+from rollout.engine import SamplingParams, TorchEngine
+
+
+def evaluate_policy(model, tokenizer, env_name: str, env_options: dict, tasks: list[dict], cfg: EvalConfig,
+                    progress: bool = True, desc: str = "eval") -> tuple[dict, list[dict]]:
+    """(summary metrics, one record per task)."""
+    if not tasks:
+        raise ValueError("no tasks to evaluate")
+    fmt = format_for(env_name)
+    env = envs.make(env_name, **env_options)
+    observations, prompts = [], []
+    for task in tasks:
+        obs, _ = env.reset(options={"task": task})
+        observations.append(obs)
+        prompts.append([tokenizer.bos_token_id] + tokenizer.encode(fmt.prompt(obs), add_special_tokens=False))
+
+    dtype = next(model.parameters()).dtype
+    engine = TorchEngine(model, tokenizer.pad_token_id, device=next(model.parameters()).device, dtype=dtype,
+                         max_batch_size=cfg.batch_size)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            stop_token_ids=(tokenizer.eos_token_id,), seed=0)
+    completions, gen_seconds = [], 0.0
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    for start in range(0, len(prompts), cfg.batch_size):
+        t0 = time.perf_counter()
+        completions += engine.generate(prompts[start : start + cfg.batch_size], params)
+        gen_seconds += time.perf_counter() - t0
+        bar.update(min(cfg.batch_size, len(prompts) - start))
+    bar.close()
+
+    records = []
+    for task, obs, comp in zip(tasks, observations, completions):
+        text = tokenizer.decode(comp.token_ids, skip_special_tokens=True)
+        env.reset(options={"task": task})
+        _, reward, _, _, info = env.step(fmt.action(obs, text))
+        records.append({"task": task, "won": info["won"], "reward": reward, "reason": info.get("reason", ""),
+                        "tokens": len(comp.token_ids), "finish_reason": comp.finish_reason, "completion": text})
+    n = len(records)
+    gen_tokens = sum(r["tokens"] for r in records)
+    failures = Counter(r["reason"].split(":")[0] for r in records if not r["won"])
+    summary = {
+        "tasks": n,
+        "accuracy": sum(r["won"] for r in records) / n,
+        "mean_tokens": gen_tokens / n,
+        "mean_chars": sum(len(r["completion"]) for r in records) / n,
+        "truncated": sum(r["finish_reason"] == "length" for r in records) / n,
+        "tokens_per_s": gen_tokens / max(gen_seconds, 1e-9),
+        "seconds": gen_seconds,
+        "top_failures": dict(failures.most_common(5)),
+    }
+    return summary, records
+
+
+def print_summary(title: str, rows: dict[str, dict]) -> None:
+    """A rich table: one row per evaluated split/file."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("split", "tasks", "accuracy", "mean tokens", "truncated", "tokens/s", "seconds"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for name, s in rows.items():
+        table.add_row(name, str(s["tasks"]), f"{s['accuracy']:.1%}", f"{s['mean_tokens']:.0f}",
+                      f"{s['truncated']:.1%}", f"{s['tokens_per_s']:.0f}", f"{s['seconds']:.1f}")
+    Console().print(table)
+
+
+def save_eval(path: Path, summary: dict, records: list[dict], meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**meta, "summary": summary, "records": records}, indent=1))

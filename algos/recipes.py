@@ -1,0 +1,113 @@
+"""The jobs `launch.py` runs, each a short function that builds parts and hands them on.
+
+    gen_data(exp)                -> task splits + demonstrations on disk
+    sft(exp, resume)             -> data, tokenizer, SFT, then the held-out evaluation
+    evaluate(exp, checkpoint,..) -> a checkpoint on a held-out split or a user's task file
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+import envs
+from agents.formats import format_for
+from agents.tokenizer import train_tokenizer
+from algos.checkpoint import load_policy
+from algos.config import Experiment, save_config
+from algos.data import data_folder, prepare_data, read_jsonl
+from algos.evaluate import evaluate_policy, print_summary, save_eval
+from algos.runtime import DTYPES, apply_threads, resolve_device, seed_everything
+from algos.sft import Example, train_sft
+
+
+def gen_data(exp: Experiment) -> Path:
+    folder = prepare_data(exp)
+    print(json.dumps(json.loads((folder / "stats.json").read_text()), indent=2))
+    return folder
+
+
+def _tokenizer(exp: Experiment, demos: list[dict], run_dir: Path):
+    """The run's tokenizer: trained on its demonstrations once, then reloaded (resume, eval)."""
+    from transformers import AutoTokenizer
+
+    folder = run_dir / "tokenizer"
+    if (folder / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(folder)
+    fmt = format_for(exp.env.name)
+    texts = (p + c for p, c in map(fmt.demo, demos))
+    tok = train_tokenizer(texts, exp.tokenizer)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def _examples(exp: Experiment, demos: list[dict], tokenizer) -> list[Example]:
+    """<bos> prompt completion <eos>, loss on completion + <eos>; too-long demos are dropped."""
+    fmt = format_for(exp.env.name)
+    prompts, completions = zip(*map(fmt.demo, demos))
+    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    bos, eos, limit = tokenizer.bos_token_id, tokenizer.eos_token_id, exp.model.max_seq_len
+    examples = [Example([bos] + p + c + [eos], [0] * (1 + len(p)) + [1] * (len(c) + 1))
+                for p, c in zip(p_ids, c_ids) if len(p) + len(c) + 2 <= limit]
+    dropped = len(demos) - len(examples)
+    if dropped:
+        tqdm.write(f"dropped {dropped} of {len(demos)} demonstrations longer than model.max_seq_len={limit} tokens")
+    if not examples:
+        raise ValueError(f"every demonstration is longer than model.max_seq_len={limit}; raise it")
+    return examples
+
+
+def heldout_tasks(exp: Experiment, split: str | None = None, problems_file: str | None = None,
+                  limit: int | None = None) -> tuple[str, list[dict]]:
+    """(name, tasks) of a held-out split (from the data cache when there) or a user's file."""
+    source = envs.make_tasks(exp.env.name, **exp.env_options())
+    if problems_file:
+        tasks, name = source.tasks_from_file(problems_file), Path(problems_file).name
+    else:
+        name = split or exp.eval.split
+        if name not in source.heldout_splits():
+            raise ValueError(f"unknown held-out split '{name}' (eval.split); choose from {source.heldout_splits()}")
+        cached = data_folder(exp) / f"{name}.jsonl"
+        tasks = read_jsonl(cached) if cached.exists() else source.tasks(name)
+    return name, tasks[:limit] if limit else tasks
+
+
+def sft(exp: Experiment, resume: bool = False) -> dict:
+    """Generate data, train the tokenizer and the policy, evaluate on the held-out split."""
+    seed_everything(exp.seed)
+    apply_threads(exp.runtime)
+    run_dir = Path(exp.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(exp, run_dir / "config.yaml")
+    demos = read_jsonl(prepare_data(exp) / "train_demos.jsonl")
+    tokenizer = _tokenizer(exp, demos, run_dir)
+    examples = _examples(exp, demos, tokenizer)
+
+    _, periodic_tasks = heldout_tasks(exp, limit=exp.sft.eval_tasks)
+
+    def periodic_eval(model, step: int) -> dict:
+        summary, _ = evaluate_policy(model, tokenizer, exp.env.name, exp.env_options(), periodic_tasks, exp.eval,
+                                     desc=f"eval@{step}")
+        tqdm.write(f"step {step}: held-out accuracy {summary['accuracy']:.1%} on {summary['tasks']} tasks")
+        return {"accuracy": summary["accuracy"], "mean_tokens": summary["mean_tokens"]}
+
+    ckpt = train_sft(exp, examples, tokenizer, run_dir, resume=resume, evaluate=periodic_eval)
+    return evaluate(exp, ckpt)
+
+
+def evaluate(exp: Experiment, checkpoint: str | Path, split: str | None = None,
+             problems_file: str | None = None) -> dict:
+    """Run `checkpoint` on a held-out split (default eval.split) or a task file; table + JSON."""
+    apply_threads(exp.runtime)
+    device = resolve_device(exp.runtime)
+    dtype = DTYPES[exp.runtime.precision] if device.type == "cuda" else DTYPES["fp32"]
+    model, tokenizer = load_policy(checkpoint, device=device, dtype=dtype)
+    name, tasks = heldout_tasks(exp, split, problems_file or exp.eval.problems_file, exp.eval.num_tasks)
+    summary, records = evaluate_policy(model, tokenizer, exp.env.name, exp.env_options(), tasks, exp.eval)
+    out = Path(exp.out_dir) / "eval" / f"{Path(name).stem}.json"
+    save_eval(out, summary, records, {"checkpoint": str(checkpoint), "split": name})
+    print_summary(f"{exp.name}: {checkpoint}", {name: summary})
+    print(f"results: {out}")
+    return summary

@@ -1,0 +1,111 @@
+"""Device, precision, seeding and the DeepSpeed engine — the learner's plumbing in one place."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+from typing import Any
+
+import numpy as np
+import torch
+
+from algos.config import RuntimeConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(cfg: RuntimeConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device=cuda but torch sees no CUDA device; use runtime.device=cpu or auto")
+    if cfg.device == "auto":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(cfg.device)
+
+
+def apply_threads(cfg: RuntimeConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_process_group_env() -> None:
+    """A plain `python launch.py ...` is a world of one: give torch.distributed what a launcher would.
+
+    Under `deepspeed`/`torchrun` these variables are already set and left alone.
+    """
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+
+
+def deepspeed_config(cfg: RuntimeConfig, micro_batch: int, grad_accum: int, grad_clip: float) -> dict[str, Any]:
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "steps_per_print": 2**31 - 1,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if cfg.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif cfg.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    if cfg.offload_optimizer:
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        ds["zero_force_ds_cpu_optimizer"] = False  # we pass a torch optimizer: no native-op build
+    return ds
+
+
+def init_deepspeed(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: RuntimeConfig,
+                   micro_batch: int, grad_accum: int, grad_clip: float):
+    """Wrap model + torch optimizer in a DeepSpeed engine (gloo single process on CPU)."""
+    ensure_process_group_env()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn
+    import deepspeed  # imported late: it is slow to import and prints on import
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if int(os.environ["WORLD_SIZE"]) == 1:
+        # The shared-memory all-reduce op only helps several CPU ranks, and building it is a ~1 min
+        # native compile on first use: a world of one skips it.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, micro_batch, grad_accum, grad_clip),
+        dist_init_required=True,
+    )
+    return engine

@@ -1,0 +1,43 @@
+"""Text environments behind one interface, their task splits, and the env registry.
+
+    import envs
+    env = envs.make("countdown_search", reward_density="dense")
+    tasks = envs.make_tasks("countdown_search").tasks("heldout_unseen")
+
+Nothing here imports torch, transformers or ray.
+"""
+
+from .base import (
+    MAX_TEXT_LENGTH,
+    REQUIRED_INFO_KEYS,
+    TRAIN_SPLIT,
+    BaseEnvConfig,
+    EnvConfigError,
+    TaskSource,
+    TextEnv,
+    config_class,
+    list_envs,
+    make,
+    make_info,
+    make_tasks,
+    register,
+    validate_config,
+)
+from . import countdown  # noqa: E402,F401  (registers the Countdown envs)
+
+__all__ = [
+    "MAX_TEXT_LENGTH",
+    "REQUIRED_INFO_KEYS",
+    "TRAIN_SPLIT",
+    "BaseEnvConfig",
+    "EnvConfigError",
+    "TaskSource",
+    "TextEnv",
+    "config_class",
+    "list_envs",
+    "make",
+    "make_info",
+    "make_tasks",
+    "register",
+    "validate_config",
+]

@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Turnstile's command line. It only wires: every job lives in algos/recipes.py.
+
+    python launch.py gen-data configs/countdown3_sos.yaml
+    python launch.py sft      configs/countdown3_sos.yaml [key=value ...] [--resume]
+    python launch.py train    configs/countdown3_sos.yaml [key=value ...] [--resume]
+    python launch.py eval     configs/countdown3_sos.yaml --checkpoint runs/countdown3_sos [--split S | --problems-file F]
+
+Overrides use dotted keys, e.g. `sft.steps=200 model.hidden_size=256 env.num_inputs=4`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch.py", description="Turnstile: multi-turn RL for language-model agents")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for config and input errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def job(name: str, help: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help)
+        s.add_argument("config", help="a YAML recipe, e.g. configs/countdown3_sos.yaml")
+        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sft.steps=100")
+        return s
+
+    job("gen-data", "generate task splits and demonstrations (cached under data_dir)")
+    for name, text in (("sft", "SFT on demonstrations, then held-out evaluation"),
+                       ("train", "run the recipe: SFT then evaluation (RL stages come with the RL core)")):
+        job(name, text).add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    ev = job("eval", "evaluate a checkpoint on a held-out split or a task file")
+    ev.add_argument("--checkpoint", required=True, help="a run folder, checkpoint folder or save_pretrained folder")
+    ev.add_argument("--split", help="held-out split (default: eval.split)")
+    ev.add_argument("--problems-file", help="JSONL tasks to evaluate instead of a split")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from algos import recipes
+    from algos.checkpoint import CheckpointError
+    from algos.config import ConfigError, load_config
+    from envs import EnvConfigError
+
+    try:
+        exp = load_config(args.config, args.overrides)
+        if args.command == "gen-data":
+            recipes.gen_data(exp)
+        elif args.command in ("sft", "train"):
+            recipes.sft(exp, resume=args.resume)
+        elif args.command == "eval":
+            recipes.evaluate(exp, args.checkpoint, split=args.split, problems_file=args.problems_file)
+    except (ConfigError, CheckpointError, EnvConfigError, FileNotFoundError, ValueError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Inference engines, the multi-turn episode loop, rollout workers and weight sync."""

@@ -1,0 +1,65 @@
+"""Config loading: every wrong key or value fails before work starts, naming key and origin."""
+from pathlib import Path
+
+import pytest
+
+from algos.config import ConfigError, load_config
+from conftest import REPO
+
+
+def test_tiny_recipe_loads_with_defaults(tiny_recipe):
+    exp = load_config(tiny_recipe)
+    assert exp.name == "tiny" and exp.env.name == "countdown"
+    assert exp.env_options()["num_inputs"] == 3
+    assert exp.sft.betas == (0.9, 0.95)  # default filled in
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_is_valid(recipe):
+    load_config(recipe)
+
+
+def test_unknown_key_names_key_file_and_closest_valid_key(tiny_recipe):
+    tiny_recipe.write_text(tiny_recipe.read_text().replace("  lr: 3.0e-3", "  lrr: 3.0e-3"))
+    with pytest.raises(ConfigError) as e:
+        load_config(tiny_recipe)
+    msg = str(e.value)
+    assert "unknown key 'sft.lrr'" in msg and str(tiny_recipe) in msg and "did you mean 'sft.lr'" in msg
+
+
+def test_unknown_env_key_is_checked_by_the_env_schema(tiny_recipe):
+    with pytest.raises(ConfigError, match=r"unknown key 'env.num_input' .*did you mean 'env.num_inputs'"):
+        load_config(tiny_recipe, ["+env.num_input=4"])
+
+
+def test_wrong_type_names_key_and_value(tiny_recipe):
+    with pytest.raises(ConfigError, match=r"bad value for 'model.hidden_size' \(command-line override\).*'wide'"):
+        load_config(tiny_recipe, ["model.hidden_size=wide"])
+
+
+def test_impossible_values_fail(tiny_recipe):
+    with pytest.raises(ConfigError, match=r"sft.lr.*greater than 0"):
+        load_config(tiny_recipe, ["sft.lr=-1"])
+    with pytest.raises(ConfigError, match=r"min_number \(50\) must be <= max_number \(20\)"):
+        load_config(tiny_recipe, ["env.min_number=50"])
+    with pytest.raises(ConfigError, match=r"head size .* 16 is not one vLLM can serve"):
+        load_config(tiny_recipe, ["model.num_heads=4"])
+
+
+def test_unknown_env_name_suggests(tiny_recipe):
+    with pytest.raises(ConfigError, match=r"unknown env.name 'countdwn'.*did you mean 'countdown'"):
+        load_config(tiny_recipe, ["env.name=countdwn"])
+
+
+def test_bad_override_syntax_and_missing_file(tiny_recipe, tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(tiny_recipe, ["sft.steps"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_syntax_error_names_file(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: cannot parse YAML"):
+        load_config(bad)

@@ -1,0 +1,71 @@
+"""The command line end to end on a tiny recipe, its error messages, and the README/CI contract."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+import launch
+from conftest import REPO
+
+
+def test_gen_data_sft_eval_end_to_end(tiny_recipe, tmp_path, capsys):
+    assert launch.main(["gen-data", str(tiny_recipe)]) == 0
+    assert "problems_per_s" in capsys.readouterr().out
+    assert launch.main(["sft", str(tiny_recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "heldout_unseen" in out and "accuracy" in out
+    result = json.loads((tmp_path / "run" / "eval" / "heldout_unseen.json").read_text())
+    assert result["summary"]["tasks"] == 8 and len(result["records"]) == 8
+    assert 0.0 <= result["summary"]["accuracy"] <= 1.0 and result["summary"]["tokens_per_s"] > 0
+    assert (tmp_path / "run" / "tb").is_dir() and (tmp_path / "run" / "metrics.jsonl").exists()
+
+    # a user's own problems file, evaluated with the run's checkpoint
+    problems = tmp_path / "mine.jsonl"
+    problems.write_text('{"numbers": [3, 4, 5], "target": 27}\n{"numbers": [2, 9, 9], "target": 11}\n')
+    assert launch.main(["eval", str(tiny_recipe), "--checkpoint", str(tmp_path / "run"),
+                        "--problems-file", str(problems)]) == 0
+    mine = json.loads((tmp_path / "run" / "eval" / "mine.json").read_text())
+    assert [r["task"]["target"] for r in mine["records"]] == [27, 11]
+
+
+def test_bad_inputs_give_one_clear_line(tiny_recipe, tmp_path, capsys):
+    assert launch.main(["eval", str(tiny_recipe), "--checkpoint", str(tmp_path)]) == 2
+    assert "holds no model" in capsys.readouterr().err
+    assert launch.main(["sft", str(tiny_recipe), "sft.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown key 'sft.stepz' (command-line override); did you mean 'sft.steps'?")
+    assert "Traceback" not in err
+
+
+def test_malformed_problem_file_names_file_and_line(tiny_recipe, tmp_path, capsys):
+    assert launch.main(["sft", str(tiny_recipe), "sft.steps=1"]) == 0
+    capsys.readouterr()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"numbers": [3, 4, 5], "target": 27}\n{"numbers": [3, 4], "target": 7}\n')
+    assert launch.main(["eval", str(tiny_recipe), "--checkpoint", str(tmp_path / "run"), "--problems-file", str(bad)]) == 2
+    assert re.search(r"bad\.jsonl:2: .*3", capsys.readouterr().err)
+
+
+def _readme_commands():
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```(?:bash|sh)\n(.*?)```", text, re.S).group(1)
+    return [line.strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    commands = _readme_commands()
+    assert len(commands) == 2, commands
+    main_job, tests = commands
+    assert "pip install" in main_job and "launch.py" in main_job
+    assert "pip install" in tests and "pytest" in tests
+    ci = (REPO / ".ci" / "run").read_text()
+    assert tests in ci, "CI must run the README's test command verbatim"
+
+
+def test_cli_help_lists_the_subcommands():
+    out = subprocess.run([sys.executable, str(REPO / "launch.py"), "--help"], capture_output=True, text=True,
+                         cwd=REPO, check=True).stdout
+    for sub in ("gen-data", "sft", "train", "eval"):
+        assert sub in out
