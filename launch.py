@@ -4,7 +4,8 @@
     python launch.py gen-data configs/countdown3_sos.yaml
     python launch.py sft      configs/countdown3_sos.yaml [key=value ...] [--resume]
     python launch.py train    configs/countdown3_sos.yaml [key=value ...] [--resume]
-    python launch.py eval     configs/countdown3_sos.yaml --checkpoint runs/countdown3_sos [--split S | --problems-file F]
+    python launch.py eval     configs/countdown3_sos.yaml --checkpoint runs/countdown3_sos \
+                              [--split S | --problems-file F]
 
 Overrides use dotted keys, e.g. `sft.steps=200 model.hidden_size=256 env.num_inputs=4`.
 """
@@ -42,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # per-shard bars; we draw our own
     from algos import recipes
     from algos.checkpoint import CheckpointError
     from algos.config import ConfigError, load_config

@@ -11,13 +11,14 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-import envs
-from agents.model import ModelConfig
-from agents.tokenizer import TokenizerConfig
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+import envs
+from agents.model import ModelConfig
+from agents.tokenizer import TokenizerConfig
 
 
 class _Section(BaseModel):
@@ -28,7 +29,10 @@ class RuntimeConfig(_Section):
     """Where and how tensors live: shared by the SFT learner, the RL learner and the engines."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # bf16/fp16: low-precision weights with fp32 master copies in the optimizer (DeepSpeed's mixed
+    # precision). amp_bf16/amp_fp16: fp32 weights, matmuls autocast to 16 bits — on CPUs with
+    # AVX512-BF16 this doubles training speed for small models.
+    precision: Literal["fp32", "bf16", "fp16", "amp_bf16", "amp_fp16"] = "fp32"
     zero_stage: int = Field(0, ge=0, le=3)
     offload_optimizer: bool = Field(False, description="ZeRO CPU offload of optimizer state (stages 1-3)")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = torch's default")

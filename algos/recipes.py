@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 import envs
@@ -18,7 +19,8 @@ from algos.checkpoint import load_policy
 from algos.config import Experiment, save_config
 from algos.data import data_folder, prepare_data, read_jsonl
 from algos.evaluate import evaluate_policy, print_summary, save_eval
-from algos.runtime import DTYPES, apply_threads, resolve_device, seed_everything
+from algos.metrics import MetricsLogger
+from algos.runtime import apply_threads, param_dtype, resolve_device, seed_everything
 from algos.sft import Example, train_sft
 
 
@@ -28,7 +30,7 @@ def gen_data(exp: Experiment) -> Path:
     return folder
 
 
-def _tokenizer(exp: Experiment, demos: list[dict], run_dir: Path):
+def build_tokenizer(exp: Experiment, demos: list[dict], run_dir: Path):
     """The run's tokenizer: trained on its demonstrations once, then reloaded (resume, eval)."""
     from transformers import AutoTokenizer
 
@@ -42,7 +44,7 @@ def _tokenizer(exp: Experiment, demos: list[dict], run_dir: Path):
     return tok
 
 
-def _examples(exp: Experiment, demos: list[dict], tokenizer) -> list[Example]:
+def build_examples(exp: Experiment, demos: list[dict], tokenizer) -> list[Example]:
     """<bos> prompt completion <eos>, loss on completion + <eos>; too-long demos are dropped."""
     fmt = format_for(exp.env.name)
     prompts, completions = zip(*map(fmt.demo, demos))
@@ -82,8 +84,8 @@ def sft(exp: Experiment, resume: bool = False) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(exp, run_dir / "config.yaml")
     demos = read_jsonl(prepare_data(exp) / "train_demos.jsonl")
-    tokenizer = _tokenizer(exp, demos, run_dir)
-    examples = _examples(exp, demos, tokenizer)
+    tokenizer = build_tokenizer(exp, demos, run_dir)
+    examples = build_examples(exp, demos, tokenizer)
 
     _, periodic_tasks = heldout_tasks(exp, limit=exp.sft.eval_tasks)
 
@@ -94,7 +96,11 @@ def sft(exp: Experiment, resume: bool = False) -> dict:
         return {"accuracy": summary["accuracy"], "mean_tokens": summary["mean_tokens"]}
 
     ckpt = train_sft(exp, examples, tokenizer, run_dir, resume=resume, evaluate=periodic_eval)
-    return evaluate(exp, ckpt)
+    summary = evaluate(exp, ckpt)
+    log = MetricsLogger(run_dir)
+    log.log(exp.sft.steps, {k: v for k, v in summary.items() if isinstance(v, (int, float))}, prefix="eval/")
+    log.close()
+    return summary
 
 
 def evaluate(exp: Experiment, checkpoint: str | Path, split: str | None = None,
@@ -102,7 +108,7 @@ def evaluate(exp: Experiment, checkpoint: str | Path, split: str | None = None,
     """Run `checkpoint` on a held-out split (default eval.split) or a task file; table + JSON."""
     apply_threads(exp.runtime)
     device = resolve_device(exp.runtime)
-    dtype = DTYPES[exp.runtime.precision] if device.type == "cuda" else DTYPES["fp32"]
+    dtype = param_dtype(exp.runtime.precision) if device.type == "cuda" else torch.float32
     model, tokenizer = load_policy(checkpoint, device=device, dtype=dtype)
     name, tasks = heldout_tasks(exp, split, problems_file or exp.eval.problems_file, exp.eval.num_tasks)
     summary, records = evaluate_policy(model, tokenizer, exp.env.name, exp.env_options(), tasks, exp.eval)

@@ -15,11 +15,18 @@ from algos.config import RuntimeConfig
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def param_dtype(precision: str) -> torch.dtype:
+    """The dtype the learner keeps weights in (autocast modes keep fp32 weights)."""
+    return DTYPES.get(precision, torch.float32)
+
+
 def resolve_device(cfg: RuntimeConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("runtime.device=cuda but torch sees no CUDA device; use runtime.device=cpu or auto")
     if cfg.device == "auto":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(cfg.device)
 
 
@@ -80,6 +87,8 @@ def deepspeed_config(cfg: RuntimeConfig, micro_batch: int, grad_accum: int, grad
         ds["bf16"] = {"enabled": True}
     elif cfg.precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    elif cfg.precision.startswith("amp_"):
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if cfg.precision == "amp_bf16" else "float16"}
     if cfg.offload_optimizer:
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         ds["zero_force_ds_cpu_optimizer"] = False  # we pass a torch optimizer: no native-op build

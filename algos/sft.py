@@ -20,7 +20,7 @@ from agents.model import build_model, count_parameters
 from algos.checkpoint import latest_checkpoint, load_learner_state, save_checkpoint
 from algos.config import Experiment
 from algos.metrics import MetricsLogger
-from algos.runtime import DTYPES, init_deepspeed, resolve_device, rng_state, set_rng_state
+from algos.runtime import init_deepspeed, param_dtype, resolve_device, rng_state, set_rng_state
 
 IGNORE = -100  # label value the cross-entropy skips
 
@@ -107,9 +107,7 @@ def train_sft(exp: Experiment, examples: list[Example], tokenizer, run_dir: str 
     torch.manual_seed(exp.seed)
     model = build_model(exp.model, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
                         tokenizer.eos_token_id)
-    if exp.runtime.precision != "fp32":
-        model = model.to(DTYPES[exp.runtime.precision])
-    model = model.to(device)
+    model = model.to(device=device, dtype=param_dtype(exp.runtime.precision))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
     engine = init_deepspeed(model, optimizer, scheduler, exp.runtime, cfg.batch_size, cfg.grad_accum, cfg.grad_clip)

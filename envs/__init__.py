@@ -7,6 +7,7 @@
 Nothing here imports torch, transformers or ray.
 """
 
+from . import countdown  # noqa: E402,F401  (registers the Countdown envs)
 from .base import (
     MAX_TEXT_LENGTH,
     REQUIRED_INFO_KEYS,
@@ -23,7 +24,6 @@ from .base import (
     register,
     validate_config,
 )
-from . import countdown  # noqa: E402,F401  (registers the Countdown envs)
 
 __all__ = [
     "MAX_TEXT_LENGTH",

@@ -2,9 +2,9 @@
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from algos.config import ConfigError, load_config
-from conftest import REPO
 
 
 def test_tiny_recipe_loads_with_defaults(tiny_recipe):

@@ -4,10 +4,9 @@ import re
 import subprocess
 import sys
 
-import pytest
+from conftest import REPO
 
 import launch
-from conftest import REPO
 
 
 def test_gen_data_sft_eval_end_to_end(tiny_recipe, tmp_path, capsys):
@@ -44,7 +43,8 @@ def test_malformed_problem_file_names_file_and_line(tiny_recipe, tmp_path, capsy
     capsys.readouterr()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"numbers": [3, 4, 5], "target": 27}\n{"numbers": [3, 4], "target": 7}\n')
-    assert launch.main(["eval", str(tiny_recipe), "--checkpoint", str(tmp_path / "run"), "--problems-file", str(bad)]) == 2
+    args = ["eval", str(tiny_recipe), "--checkpoint", str(tmp_path / "run"), "--problems-file", str(bad)]
+    assert launch.main(args) == 2
     assert re.search(r"bad\.jsonl:2: .*3", capsys.readouterr().err)
 
 

@@ -18,8 +18,8 @@ def _setup(recipe, *overrides):
     from pathlib import Path
 
     run_dir = Path(exp.out_dir)
-    tok = recipes._tokenizer(exp, demos, run_dir)
-    return exp, tok, recipes._examples(exp, demos, tok), run_dir
+    tok = recipes.build_tokenizer(exp, demos, run_dir)
+    return exp, tok, recipes.build_examples(exp, demos, tok), run_dir
 
 
 def test_tokenizer_is_trained_here_and_round_trips(tmp_path):
