@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -146,15 +146,30 @@ def _describe(err: dict, schema: type[BaseModel], prefix: tuple, origin) -> str:
     return f"bad value for '{key}' ({where}): {msg}{got}" if loc else f"{where}: {msg}"
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
-    """Read a YAML recipe, apply `key=value` overrides, and validate everything."""
-    path = Path(path)
+def _read_recipe(path: Path, chain: tuple[Path, ...] = ()):
+    """A recipe's YAML; `base: other.yaml` (relative to the file) is read first and overlaid."""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        where = f" (the base of {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file not found: {path}{where}")
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: circular 'base' chain: {' -> '.join(map(str, chain + (path,)))}")
     try:
         raw = OmegaConf.load(path)
     except (OmegaConfBaseException, yaml.YAMLError, ValueError, OSError) as e:
         raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+    base = raw.pop("base", None) if isinstance(raw, DictConfig) else None
+    if base is None:
+        return raw
+    merged = OmegaConf.merge(_read_recipe(path.parent / str(base), chain + (path.resolve(),)), raw)
+    if "name" not in raw:  # a derived recipe is its own run, never its base's
+        merged["name"] = path.stem
+    return merged
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
+    """Read a YAML recipe (and its `base` chain), apply `key=value` overrides, validate everything."""
+    path = Path(path)
+    raw = _read_recipe(path)
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"command-line overrides must look like key=value, got: {' '.join(bad)}")

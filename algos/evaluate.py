@@ -75,7 +75,7 @@ def print_summary(title: str, rows: dict[str, dict]) -> None:
 
     table = Table(title=title)
     for col in ("split", "tasks", "accuracy", "mean tokens", "truncated", "tokens/s", "seconds"):
-        table.add_column(col, justify="left" if col == "split" else "right")
+        table.add_column(col, justify="left" if col == "split" else "right", no_wrap=True)
     for name, s in rows.items():
         table.add_row(name, str(s["tasks"]), f"{s['accuracy']:.1%}", f"{s['mean_tokens']:.0f}",
                       f"{s['truncated']:.1%}", f"{s['tokens_per_s']:.0f}", f"{s['seconds']:.1f}")

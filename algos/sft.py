@@ -31,15 +31,6 @@ class Example:
     loss_mask: list[int]  # 1 where the policy writes the token (it is trained on), 0 on context
 
 
-def tokenize_demo(tokenizer, prompt: str, completion: str, max_len: int) -> Example | None:
-    """<bos> prompt completion <eos>, loss on completion + <eos>; None if longer than max_len."""
-    p = [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
-    c = tokenizer.encode(completion, add_special_tokens=False) + [tokenizer.eos_token_id]
-    if len(p) + len(c) > max_len:
-        return None
-    return Example(p + c, [0] * len(p) + [1] * len(c))
-
-
 class BucketedBatches:
     """Batches of similar-length examples (little padding), in an order fixed by (seed, epoch)."""
 

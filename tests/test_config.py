@@ -63,3 +63,25 @@ def test_yaml_syntax_error_names_file(tmp_path: Path):
     bad.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml: cannot parse YAML"):
         load_config(bad)
+
+
+def test_base_recipes_are_overlaid_and_named_after_their_own_file(tmp_path):
+    (tmp_path / "parent.yaml").write_text("name: parent\nenv: {name: countdown, num_inputs: 3}\nsft: {steps: 7}\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\nsft: {lr: 0.01}\n")
+    exp = load_config(tmp_path / "child.yaml")
+    assert (exp.name, exp.sft.steps, exp.sft.lr, exp.env_options()["num_inputs"]) == ("child", 7, 0.01, 3)
+    assert exp.out_dir == "runs/child"
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing.yaml \(the base of .*orphan.yaml\)"):
+        load_config(tmp_path / "orphan.yaml")
+
+
+def test_optimal_baseline_differs_from_sos_only_in_demo_format():
+    sos, opt = load_config(REPO / "configs/countdown4_sos.yaml"), load_config(REPO / "configs/countdown4_optimal.yaml")
+    assert opt.name == "countdown4_optimal" and opt.sft.demos.format == "optimal"
+    a, b = sos.model_dump(exclude={"name", "out_dir"}), opt.model_dump(exclude={"name", "out_dir"})
+    a["sft"]["demos"].pop("format"), b["sft"]["demos"].pop("format")
+    assert a == b
