@@ -6,6 +6,7 @@ prompt goes to the engine together, then each completion is scored by the enviro
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,6 +17,14 @@ import envs
 from agents.formats import format_for
 from algos.config import EvalConfig
 from rollout.engine import SamplingParams, TorchEngine
+
+
+def failure_kind(reason: str) -> str:
+    """A verdict's reason without its particulars: "operation N: wrong arithmetic", ..."""
+    kind = re.sub(r"'[^']*\d[^']*'", "", reason)  # quoted model text (it holds numbers)
+    kind = re.sub(r"\d+", "N", re.sub(r"\[[^\]]*\]", "[…]", kind))
+    parts = re.split(r": (?=(?:[^']*'[^']*')*[^']*$)", kind)  # ': ' outside quotes
+    return re.sub(r"\s+", " ", ": ".join(parts[:2])).strip() or "unknown"
 
 
 def evaluate_policy(model, tokenizer, env_name: str, env_options: dict, tasks: list[dict], cfg: EvalConfig,
@@ -54,7 +63,7 @@ def evaluate_policy(model, tokenizer, env_name: str, env_options: dict, tasks: l
                         "tokens": len(comp.token_ids), "finish_reason": comp.finish_reason, "completion": text})
     n = len(records)
     gen_tokens = sum(r["tokens"] for r in records)
-    failures = Counter(r["reason"].split(":")[0] for r in records if not r["won"])
+    failures = Counter(failure_kind(r["reason"]) for r in records if not r["won"])
     summary = {
         "tasks": n,
         "accuracy": sum(r["won"] for r in records) / n,
@@ -79,7 +88,9 @@ def print_summary(title: str, rows: dict[str, dict]) -> None:
     for name, s in rows.items():
         table.add_row(name, str(s["tasks"]), f"{s['accuracy']:.1%}", f"{s['mean_tokens']:.0f}",
                       f"{s['truncated']:.1%}", f"{s['tokens_per_s']:.0f}", f"{s['seconds']:.1f}")
-    Console().print(table)
+    console = Console()
+    console.width = max(console.width, 100)  # a pipe or CI log reports 80 columns: keep rows whole
+    console.print(table)
 
 
 def save_eval(path: Path, summary: dict, records: list[dict], meta: dict) -> None:
