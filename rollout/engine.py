@@ -170,19 +170,16 @@ class TorchEngine:
             past_key_values=cache, use_cache=True, logits_to_keep=1,
         ).logits[:, -1]  # [n, V]
 
-        out = [Completion() for _ in range(n)]
-        rows = torch.arange(n, device=dev)  # batch slot -> index into `out`
+        rows = torch.arange(n, device=dev)  # batch slot -> prompt index
         done = torch.zeros(n, dtype=torch.bool, device=dev)  # finished but not yet compacted
+        stopped = torch.zeros(n, dtype=torch.bool, device=dev)  # per prompt: ended on a stop token
+        history = []  # per step: (prompt index, token, logprob) of the live slots, kept on device
         for step in range(params.max_new_tokens):
             tokens, logps = sample_tokens(logits, params.temperature, params.top_p, generator)
-            tok_list, lp_list, done_list = tokens.tolist(), logps.tolist(), done.tolist()
-            for slot, r in enumerate(rows.tolist()):
-                if not done_list[slot]:
-                    out[r].token_ids.append(tok_list[slot])
-                    out[r].logprobs.append(lp_list[slot])
-            hit_stop = torch.isin(tokens, stop) & ~done
-            for slot in hit_stop.nonzero().flatten().tolist():
-                out[rows[slot]].finish_reason = "stop"
+            live = ~done
+            history.append((rows[live], tokens[live], logps[live]))
+            hit_stop = torch.isin(tokens, stop) & live
+            stopped[rows[hit_stop]] = True
             done |= hit_stop
             if bool(done.all()) or step == params.max_new_tokens - 1:
                 break
@@ -197,4 +194,20 @@ class TorchEngine:
                 past_key_values=cache, use_cache=True,
             ).logits[:, -1]
             next_pos = next_pos + 1
+        return self._completions(history, stopped)
+
+    @staticmethod
+    def _completions(history, stopped: torch.Tensor) -> list[Completion]:
+        """Regroup the step-major history into one Completion per prompt (one host copy)."""
+        n = len(stopped)
+        rows = torch.cat([h[0] for h in history])
+        order = torch.argsort(rows, stable=True)  # stable: each prompt's tokens stay in time order
+        counts = torch.bincount(rows, minlength=n).tolist()
+        tokens = torch.cat([h[1] for h in history])[order].tolist()
+        logps = torch.cat([h[2] for h in history])[order].tolist()
+        out, start = [], 0
+        for i, k in enumerate(counts):
+            out.append(Completion(tokens[start : start + k], logps[start : start + k],
+                                  "stop" if stopped[i] else "length"))
+            start += k
         return out
