@@ -3,7 +3,7 @@
 
     python launch.py gen-data configs/countdown3_sos.yaml
     python launch.py sft      configs/countdown3_sos.yaml [key=value ...] [--resume]
-    python launch.py train    configs/countdown3_sos.yaml [key=value ...] [--resume]
+    python launch.py train    configs/countdown3_grpo.yaml [key=value ...] [--resume]
     python launch.py eval     configs/countdown3_sos.yaml --checkpoint runs/countdown3_sos \
                               [--split S | --problems-file F]
 
@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
 
     job("gen-data", "generate task splits and demonstrations (cached under data_dir)")
     for name, text in (("sft", "SFT on demonstrations, then held-out evaluation"),
-                       ("train", "run the recipe: SFT then evaluation (RL stages come with the RL core)")):
+                       ("train", "run the recipe: SFT (unless done), then RL with held-out evals before and after")):
         job(name, text).add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     ev = job("eval", "evaluate a checkpoint on a held-out split or a task file")
     ev.add_argument("--checkpoint", required=True, help="a run folder, checkpoint folder or save_pretrained folder")
@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         exp = load_config(args.config, args.overrides)
         if args.command == "gen-data":
             recipes.gen_data(exp)
-        elif args.command in ("sft", "train"):
+        elif args.command == "sft":
             recipes.sft(exp, resume=args.resume)
+        elif args.command == "train":
+            recipes.train(exp, resume=args.resume)
         elif args.command == "eval":
             recipes.evaluate(exp, args.checkpoint, split=args.split, problems_file=args.problems_file)
     except (ConfigError, CheckpointError, EnvConfigError, FileNotFoundError, ValueError) as e:

@@ -1,7 +1,16 @@
 """How an environment's observation becomes the policy's prompt, and its text an action.
 
-One format per environment family. The same format serves SFT (a demonstration's prompt and
-completion), evaluation and RL rollouts, so the policy always sees one layout.
+One format per environment family. The same format serves SFT (a demonstration as text
+segments), evaluation and RL rollouts, so the policy always sees one layout — and, because SFT
+tokenises each segment on its own exactly as the episode runner does turn by turn, the same
+token ids.
+
+A format answers five questions:
+    prompt(obs)                      the text of the first prompt (after <bos>)
+    stop_texts                       where a turn's generation ends (() = only at <eos>)
+    action(obs, completion)          the text handed to env.step
+    observation(obs, action, text)   the text appended to the conversation after env.step
+    segments(demo)                   a demonstration as [(text, written_by_policy), ...]
 """
 from __future__ import annotations
 
@@ -13,18 +22,77 @@ class StreamFormat:
     """Single-turn stream of search: the prompt is the problem's first state line; the policy
     writes the rest of the stream, and the action is the whole stream (prompt line included)."""
 
+    multi_turn = False
+    stop_texts: tuple[str, ...] = ()
+
     def prompt(self, observation: str) -> str:
         return observation + "\n"
 
     def action(self, observation: str, completion: str) -> str:
         return observation + "\n" + completion
 
-    def demo(self, demo: dict) -> tuple[str, str]:
-        """(prompt text, completion text) of an env demonstration."""
-        return self.prompt(demo["prompt"]), demo["completion"]
+    def observation(self, observation: str, action: str, completion: str) -> str:
+        return observation + "\n"  # never reached in play: the episode has one turn
+
+    def segments(self, demo: dict) -> list[tuple[str, bool]]:
+        return [(self.prompt(demo["prompt"]), False), (demo["completion"], True)]
 
 
-FORMATS = {"countdown": StreamFormat()}
+@dataclass(frozen=True)
+class SearchLineFormat(StreamFormat):
+    """Multi-turn Countdown search (env `countdown_search`): one line per turn.
+
+    The conversation reads exactly like a stream of search: the policy writes the lines a
+    searcher authors ("Exploring Operation: …" or "Moving to Node #…"), the env writes the rest
+    (generated nodes, state lines, verdicts). So a policy trained on single-turn streams plays the
+    multi-turn game as is, and its demonstrations are the same streams.
+    """
+
+    multi_turn = True
+    stop_texts: tuple[str, ...] = ("\n",)
+
+    def action(self, observation: str, completion: str) -> str:
+        return completion.strip()
+
+    def observation(self, observation: str, action: str, completion: str) -> str:
+        # The env echoes an operation as its first line; the policy already wrote that line
+        # (same text) — keep the echo only when it corrects what the policy wrote.
+        first, _, rest = observation.partition("\n")
+        if first.strip() == action and rest:
+            return rest + "\n"
+        return observation + "\n"
+
+
+@dataclass(frozen=True)
+class CommandFormat:
+    """Text games (TextWorld): the env's text, then one command line the policy writes as
+    "> go north". Demonstrations are multi-turn walkthroughs {"turns": [{observation, action}]}.
+    The "> " is the policy's own text (not the prompt's): a prompt ending in a space would
+    tokenise differently from the same text seen whole."""
+
+    multi_turn = True
+    stop_texts: tuple[str, ...] = ("\n",)
+    prefix: str = "> "
+
+    def prompt(self, observation: str) -> str:
+        return observation + "\n"
+
+    def action(self, observation: str, completion: str) -> str:
+        line = completion.strip().splitlines()[0] if completion.strip() else ""
+        return line.removeprefix(self.prefix.strip()).strip()
+
+    def observation(self, observation: str, action: str, completion: str) -> str:
+        return observation + "\n"
+
+    def segments(self, demo: dict) -> list[tuple[str, bool]]:
+        out: list[tuple[str, bool]] = []
+        for turn in demo["turns"]:
+            out.append((turn["observation"] + "\n", False))
+            out.append((self.prefix + turn["action"] + "\n", True))
+        return out
+
+
+FORMATS = {"countdown": StreamFormat(), "countdown_search": SearchLineFormat(), "textworld": CommandFormat()}
 
 
 def format_for(env_name: str):

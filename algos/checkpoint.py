@@ -51,8 +51,8 @@ def save_checkpoint(run_dir: str | Path, step: int, engine, tokenizer, state: di
 
 
 def save_policy(engine, tokenizer, folder: Path) -> None:
-    """save_pretrained of the engine's module; under ZeRO-3 the shards are gathered first."""
-    module = engine.module
+    """save_pretrained of the engine's policy; under ZeRO-3 the shards are gathered first."""
+    module = getattr(engine.module, "policy", engine.module)  # RL trains an ActorCritic around it
     if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
         import deepspeed
 

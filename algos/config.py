@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 import envs
 from agents.model import ModelConfig
 from agents.tokenizer import TokenizerConfig
+from rollout.runner import RolloutConfig
+from rollout.worker import RayConfig
 
 
 class _Section(BaseModel):
@@ -39,7 +41,11 @@ class RuntimeConfig(_Section):
 
 
 class DemoConfig(_Section):
-    """Which expert demonstrations SFT imitates (the env package writes them)."""
+    """Which expert demonstrations SFT imitates (the env package writes them).
+
+    Only the keys a recipe sets are passed to the env's demonstrations(); the defaults below are
+    Countdown's own. TextWorld demos are walkthroughs and take none of these keys.
+    """
 
     num_examples: int = Field(20_000, ge=1, description="demonstrations, one per train task")
     # Countdown: "sos" = streams of search, "optimal" = the solution path only (the paper's baseline)
@@ -50,10 +56,10 @@ class DemoConfig(_Section):
     beams: list[int] = [1, 2, 3, 4, 5]
 
     def options(self) -> dict:
-        """Keyword arguments of TaskSource.demonstrations."""
-        opts = self.model_dump(exclude={"num_examples"})
-        if self.format != "sos":  # only streams of search are written by a search
-            opts = {"format": self.format}
+        """Keyword arguments of TaskSource.demonstrations: the keys the recipe set."""
+        opts = self.model_dump(exclude_unset=True, exclude={"num_examples"})
+        if opts.get("format", "sos") != "sos":  # only streams of search are written by a search
+            opts = {"format": opts["format"]}
         return opts
 
 
@@ -85,6 +91,56 @@ class EvalConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
 
 
+class RewardConfig(_Section):
+    """sparse: one reward at the end of the episode; dense: each turn's progress on its last token
+    (an episode sums to ≤ 1). The env computes both; this key picks one for every algorithm."""
+
+    density: Literal["sparse", "dense"] = "sparse"
+
+
+class RLConfig(_Section):
+    """The RL stage: which algorithm, how much data per update, and the loss coefficients."""
+
+    algo: Literal["ppo", "grpo", "rloo"] = "grpo"
+    init_from: str | None = Field(
+        None, description="the SFT policy (a run, checkpoint or model folder); None = <out_dir>/sft. "
+        "If it holds no policy yet, `train` runs the recipe's SFT stage there first.")
+    iterations: int = Field(50, ge=1)
+    tasks_per_iter: int = Field(16, ge=1, description="distinct train tasks per iteration")
+    group_size: int = Field(8, ge=1, description="episodes per task (GRPO/RLOO baselines need ≥ 2)")
+    epochs: int = Field(1, ge=1, description="passes over each collected batch")
+    minibatch_size: int = Field(64, ge=1, description="episodes per optimizer step")
+    micro_batch_size: int = Field(16, ge=1, description="episodes per forward/backward")
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0)
+    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip ε")
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ (PPO)")
+    value_clip: float = Field(0.2, ge=0, description="PPO value clip; 0 disables")
+    vf_coef: float = Field(0.5, ge=0)
+    normalize_advantages: bool = Field(True, description="PPO: whiten advantages over the batch")
+    std_normalize: bool = Field(True, description="GRPO: divide by the group's return std")
+    kl_coef: float = Field(0.0, ge=0, description="KL to the frozen start policy; 0 frees the reference")
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    entropy_coef: float = Field(0.0, ge=0)
+    tis_cap: float = Field(2.0, ge=0, description="truncated importance weight cap C; 0 disables")
+    eval_every: int = Field(10, ge=0, description="held-out eval every N iterations; 0 = start and end only")
+    eval_tasks: int = Field(200, ge=1, description="held-out tasks in the periodic eval")
+    save_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> RLConfig:
+        if self.algo in ("grpo", "rloo") and self.group_size < 2:
+            raise ValueError(f"rl.algo={self.algo} needs rl.group_size ≥ 2 (a group baseline), got {self.group_size}")
+        if self.micro_batch_size > self.minibatch_size:
+            raise ValueError("rl.micro_batch_size must be ≤ rl.minibatch_size")
+        return self
+
+
 class EnvSection(BaseModel):
     """`env.name` picks the environment; its other keys are checked against that env's own schema."""
 
@@ -103,16 +159,25 @@ class Experiment(_Section):
     runtime: RuntimeConfig = RuntimeConfig()
     sft: SFTConfig = SFTConfig()
     eval: EvalConfig = EvalConfig()
+    reward: RewardConfig = RewardConfig()
+    rl: RLConfig | None = Field(None, description="the RL stage; absent = an SFT-only recipe")
+    rollout: RolloutConfig = RolloutConfig()
+    ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def _check_cross_section(self) -> Experiment:
         if self.runtime.offload_optimizer and self.runtime.zero_stage == 0:
             raise ValueError("runtime.offload_optimizer needs runtime.zero_stage ≥ 1")
+        if "reward_density" in (self.env.model_extra or {}):
+            raise ValueError("set the reward density with reward.density (one switch for every algorithm), "
+                             "not env.reward_density")
         return self
 
     def env_options(self) -> dict[str, Any]:
-        """The env section without its `name`: the keyword arguments of envs.make."""
-        return {k: v for k, v in self.env.model_dump().items() if k != "name"}
+        """The env section without its `name`, plus reward.density: the keyword arguments of envs.make."""
+        opts = {k: v for k, v in self.env.model_dump().items() if k != "name"}
+        opts["reward_density"] = self.reward.density
+        return opts
 
 
 class ConfigError(ValueError):

@@ -2,6 +2,8 @@
 
 Single-turn environments (Countdown streams) are evaluated in one batched generation: every
 prompt goes to the engine together, then each completion is scored by the environment.
+Multi-turn environments are played by the episode runner (rollout/runner.py), greedy, and
+summarised by `episode_summary` — the same summary the RL loop logs for its held-out evals.
 """
 from __future__ import annotations
 
@@ -77,16 +79,62 @@ def evaluate_policy(model, tokenizer, env_name: str, env_options: dict, tasks: l
     return summary, records
 
 
+def episode_summary(trajs, stats: dict) -> tuple[dict, list[dict]]:
+    """(summary, records) of played episodes; infra-error episodes are counted, not scored."""
+    scored = [t for t in trajs if not t.infra_error]
+    n = max(len(scored), 1)
+    policy_tokens = sum(t.num_policy_tokens for t in scored)
+    records = [{"task": t.task, "won": t.won, "return": t.episode_return, "turns": t.turns,
+                "policy_tokens": t.num_policy_tokens, "truncated": t.truncated, "infra_error": t.infra_error}
+               for t in trajs]
+    summary = {
+        "tasks": len(scored),
+        "accuracy": sum(t.won for t in scored) / n,
+        "mean_return": sum(t.episode_return for t in scored) / n,
+        "mean_turns": sum(t.turns for t in scored) / n,
+        "mean_tokens": policy_tokens / n,
+        "truncated": sum(t.truncated is not None for t in scored) / n,
+        "infra_errors": len(trajs) - len(scored),
+        "tokens_per_s": policy_tokens / max(stats.get("generate_s", 0.0), 1e-9),
+        "seconds": stats.get("generate_s", 0.0) + stats.get("env_s", 0.0),
+    }
+    return summary, records
+
+
+def evaluate_episodes(model, tokenizer, env_name: str, env_options: dict, tasks: list[dict], cfg: EvalConfig,
+                      rollout_cfg, max_episode_tokens: int) -> tuple[dict, list[dict]]:
+    """Play each task once, greedy (eval.temperature), in this process; multi-turn envs."""
+    from rollout.runner import EpisodeRunner
+
+    if not tasks:
+        raise ValueError("no tasks to evaluate")
+    dtype = next(model.parameters()).dtype
+    engine = TorchEngine(model, tokenizer.pad_token_id, device=next(model.parameters()).device, dtype=dtype,
+                         max_batch_size=cfg.batch_size)
+    env_cfg = envs.validate_config(env_name, env_options)
+    runner = EpisodeRunner(engine, tokenizer, lambda: envs.make(env_name, env_cfg), format_for(env_name),
+                           rollout_cfg, max_episode_tokens)
+    try:
+        trajs, stats = runner.play(tasks, 1, seed=0, temperature=cfg.temperature)
+    finally:
+        runner.close()
+    return episode_summary(trajs, stats.as_dict())
+
+
 def print_summary(title: str, rows: dict[str, dict]) -> None:
     """A rich table: one row per evaluated split/file."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("split", "tasks", "accuracy", "mean tokens", "truncated", "tokens/s", "seconds"):
+    turns = any("mean_turns" in s for s in rows.values())
+    cols = ["split", "tasks", "accuracy"] + (["mean turns"] if turns else []) + [
+        "mean tokens", "truncated", "tokens/s", "seconds"]
+    for col in cols:
         table.add_column(col, justify="left" if col == "split" else "right", no_wrap=True)
     for name, s in rows.items():
-        table.add_row(name, str(s["tasks"]), f"{s['accuracy']:.1%}", f"{s['mean_tokens']:.0f}",
+        table.add_row(name, str(s["tasks"]), f"{s['accuracy']:.1%}",
+                      *([f"{s.get('mean_turns', 1):.1f}"] if turns else []), f"{s['mean_tokens']:.0f}",
                       f"{s['truncated']:.1%}", f"{s['tokens_per_s']:.0f}", f"{s['seconds']:.1f}")
     console = Console()
     console.width = max(console.width, 100)  # a pipe or CI log reports 80 columns: keep rows whole

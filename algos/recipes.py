@@ -2,6 +2,7 @@
 
     gen_data(exp)                -> task splits + demonstrations on disk
     sft(exp, resume)             -> data, tokenizer, SFT, then the held-out evaluation
+    train(exp, resume)           -> SFT (unless its policy exists), then RL (when the recipe has `rl`)
     evaluate(exp, checkpoint,..) -> a checkpoint on a held-out split or a user's task file
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from agents.tokenizer import train_tokenizer
 from algos.checkpoint import load_policy
 from algos.config import Experiment, save_config
 from algos.data import data_folder, prepare_data, read_jsonl
-from algos.evaluate import evaluate_policy, print_summary, save_eval
+from algos.evaluate import evaluate_episodes, evaluate_policy, print_summary, save_eval
 from algos.metrics import MetricsLogger
 from algos.runtime import apply_threads, param_dtype, resolve_device, seed_everything
 from algos.sft import Example, train_sft
@@ -38,21 +39,34 @@ def build_tokenizer(exp: Experiment, demos: list[dict], run_dir: Path):
     if (folder / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(folder)
     fmt = format_for(exp.env.name)
-    texts = (p + c for p, c in map(fmt.demo, demos))
+    texts = ("".join(text for text, _ in fmt.segments(d)) for d in demos)
     tok = train_tokenizer(texts, exp.tokenizer)
     tok.save_pretrained(folder)
     return tok
 
 
 def build_examples(exp: Experiment, demos: list[dict], tokenizer) -> list[Example]:
-    """<bos> prompt completion <eos>, loss on completion + <eos>; too-long demos are dropped."""
+    """<bos> + the demo's segments + <eos>; loss on the policy's segments and <eos>.
+
+    Each segment is tokenised on its own, as the episode runner does turn by turn, so SFT and
+    play see the same ids. Demos longer than model.max_seq_len are dropped (and counted).
+    """
     fmt = format_for(exp.env.name)
-    prompts, completions = zip(*map(fmt.demo, demos))
-    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    per_demo = [fmt.segments(d) for d in demos]
+    flat = [text for segs in per_demo for text, _ in segs]
+    flat_ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
     bos, eos, limit = tokenizer.bos_token_id, tokenizer.eos_token_id, exp.model.max_seq_len
-    examples = [Example([bos] + p + c + [eos], [0] * (1 + len(p)) + [1] * (len(c) + 1))
-                for p, c in zip(p_ids, c_ids) if len(p) + len(c) + 2 <= limit]
+    examples = []
+    for segs in per_demo:
+        ids, mask = [bos], [0]
+        for _, policy in segs:
+            seg = next(flat_ids)
+            ids += seg
+            mask += [int(policy)] * len(seg)
+        ids.append(eos)
+        mask.append(1)
+        if len(ids) <= limit:
+            examples.append(Example(ids, mask))
     dropped = len(demos) - len(examples)
     if dropped:
         tqdm.write(f"dropped {dropped} of {len(demos)} demonstrations longer than model.max_seq_len={limit} tokens")
@@ -90,8 +104,7 @@ def sft(exp: Experiment, resume: bool = False) -> dict:
     _, periodic_tasks = heldout_tasks(exp, limit=exp.sft.eval_tasks)
 
     def periodic_eval(model, step: int) -> dict:
-        summary, _ = evaluate_policy(model, tokenizer, exp.env.name, exp.env_options(), periodic_tasks, exp.eval,
-                                     desc=f"eval@{step}")
+        summary, _ = run_eval(exp, model, tokenizer, periodic_tasks, desc=f"eval@{step}")
         tqdm.write(f"step {step}: held-out accuracy {summary['accuracy']:.1%} on {summary['tasks']} tasks")
         return {"accuracy": summary["accuracy"], "mean_tokens": summary["mean_tokens"]}
 
@@ -103,6 +116,41 @@ def sft(exp: Experiment, resume: bool = False) -> dict:
     return summary
 
 
+def run_eval(exp: Experiment, model, tokenizer, tasks: list[dict], desc: str = "eval") -> tuple[dict, list[dict]]:
+    """Single-turn envs: one batched generation; multi-turn envs: the episode runner."""
+    if format_for(exp.env.name).multi_turn:
+        return evaluate_episodes(model, tokenizer, exp.env.name, exp.env_options(), tasks, exp.eval, exp.rollout,
+                                 exp.model.max_seq_len)
+    return evaluate_policy(model, tokenizer, exp.env.name, exp.env_options(), tasks, exp.eval, desc=desc)
+
+
+def sft_policy_folder(exp: Experiment) -> Path:
+    return Path(exp.rl.init_from) if exp.rl and exp.rl.init_from else Path(exp.out_dir) / "sft"
+
+
+def train(exp: Experiment, resume: bool = False) -> dict:
+    """The recipe end to end: SFT (skipped when its policy exists), then the RL stage if any."""
+    from algos.rl import train_rl
+
+    if exp.rl is None:
+        return sft(exp, resume=resume)
+    init = sft_policy_folder(exp)
+    if not _sft_finished(init, exp.sft.steps):
+        print(f"no finished SFT policy in {init}: running the recipe's SFT stage there first")
+        sft(exp.model_copy(update={"out_dir": str(init)}), resume=True)
+    return train_rl(exp, init, resume=resume)
+
+
+def _sft_finished(folder: Path, steps: int) -> bool:
+    """A run folder whose newest checkpoint reached `steps`, or any plain policy folder."""
+    from algos.checkpoint import latest_checkpoint
+
+    if (folder / "checkpoints").is_dir():
+        ck = latest_checkpoint(folder)
+        return ck is not None and torch.load(ck / "state.pt", weights_only=False).get("step", 0) >= steps
+    return (folder / "config.json").exists() or (folder / "model" / "config.json").exists()
+
+
 def evaluate(exp: Experiment, checkpoint: str | Path, split: str | None = None,
              problems_file: str | None = None) -> dict:
     """Run `checkpoint` on a held-out split (default eval.split) or a task file; table + JSON."""
@@ -111,7 +159,7 @@ def evaluate(exp: Experiment, checkpoint: str | Path, split: str | None = None,
     dtype = param_dtype(exp.runtime.precision) if device.type == "cuda" else torch.float32
     model, tokenizer = load_policy(checkpoint, device=device, dtype=dtype)
     name, tasks = heldout_tasks(exp, split, problems_file or exp.eval.problems_file, exp.eval.num_tasks)
-    summary, records = evaluate_policy(model, tokenizer, exp.env.name, exp.env_options(), tasks, exp.eval)
+    summary, records = run_eval(exp, model, tokenizer, tasks)
     out = Path(exp.out_dir) / "eval" / f"{Path(name).stem}.json"
     save_eval(out, summary, records, {"checkpoint": str(checkpoint), "split": name})
     print_summary(f"{exp.name}: {checkpoint}", {name: summary})

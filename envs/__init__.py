@@ -7,7 +7,10 @@
 Nothing here imports torch, transformers or ray.
 """
 
-from . import countdown  # noqa: E402,F401  (registers the Countdown envs)
+from . import (
+    countdown,  # noqa: E402,F401  (registers the Countdown envs)
+    textworld,  # noqa: E402,F401  (registers the TextWorld env)
+)
 from .base import (
     MAX_TEXT_LENGTH,
     REQUIRED_INFO_KEYS,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import difflib
 import json
+import random
 import string
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
@@ -112,6 +113,15 @@ class TaskSource(abc.ABC):
 
     def heldout_splits(self) -> list[str]:
         return [s for s in self.splits() if s != TRAIN_SPLIT]
+
+    def sample_tasks(self, split: str, n: int, rng: random.Random) -> list[dict]:
+        """n tasks of `split` drawn with replacement by `rng` (RL's per-iteration task batch)."""
+        if not hasattr(self, "_sample_pool"):
+            self._sample_pool: dict[str, list[dict]] = {}
+        pool = self._sample_pool.setdefault(split, self.tasks(split))
+        if not pool:
+            raise ValueError(f"split {split!r} has no tasks to sample")
+        return [pool[rng.randrange(len(pool))] for _ in range(n)]
 
     def task_key(self, task: dict) -> Any:
         """What makes two tasks the same task; overlap between splits is judged on it."""

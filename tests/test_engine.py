@@ -78,3 +78,185 @@ def test_bad_input_is_refused(model):
         eng.generate([[5, 6], []], SamplingParams(max_new_tokens=4))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+# -- sessions: the KV of a conversation is kept between turns ------------------------------------
+
+STOPS = tuple(range(3, VOCAB, 11))
+
+
+def _fresh_model(seed):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(hidden_size=64, num_heads=2, num_layers=2, max_seq_len=512), VOCAB, 0, 1, 2).eval()
+
+
+def _next_prompts(prompts, outs, seed):
+    """Next turn: prompt + completion + an observation of a different length per row."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 12, (len(prompts),), generator=g)
+    obs = [torch.randint(3, VOCAB, (int(k),), generator=g).tolist() for k in lengths]
+    return [p + c.token_ids + o for p, c, o in zip(prompts, outs, obs)]
+
+
+def _assert_same(a, b, atol=1e-5):
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert [c.finish_reason for c in a] == [c.finish_reason for c in b]
+    for x, y in zip(a, b):
+        assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=atol)
+
+
+def test_sessions_multi_turn_greedy_equals_fresh_generation(model):
+    eng = TorchEngine(model, pad_token_id=0)
+    params = SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=STOPS)
+    prompts = _prompts(12, seed=5, max_len=30)
+    keys = [f"episode-{i}" for i in range(len(prompts))]
+    reasons, stored = set(), []
+    for turn in range(3):
+        before = dict(eng.stats)
+        out = eng.generate(prompts, params, sessions=keys)
+        ref = TorchEngine(model, pad_token_id=0).generate(prompts, params)
+        _assert_same(out, ref)
+        reasons |= {c.finish_reason for c in out}
+        # log-probs still match a plain forward of the full sequence
+        for p, c in zip(prompts, out):
+            logp = torch.log_softmax(model(torch.tensor([p + c.token_ids])).logits[0].float(), -1)[len(p) - 1 : -1]
+            ref_lp = logp.gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+            assert torch.allclose(ref_lp, torch.tensor(c.logprobs), atol=1e-4)
+        if turn:  # only the new observation tokens were run, the rest came from the stored KV
+            assert eng.stats["prefill_tokens"] - before["prefill_tokens"] == sum(map(len, prompts)) - sum(stored)
+            assert eng.stats["reused_tokens"] - before["reused_tokens"] == sum(stored)
+        stored = [len(p) + len(c.token_ids) - 1 for p, c in zip(prompts, out)]
+        prompts = _next_prompts(prompts, out, seed=100 + turn)
+    assert reasons == {"stop", "length"}
+    assert eng.num_sessions == len(keys)
+
+
+def test_sessions_with_mixed_new_and_known_keys_and_sampling(model):
+    eng = TorchEngine(model, pad_token_id=0)
+    greedy = SamplingParams(max_new_tokens=16, temperature=0, stop_token_ids=STOPS)
+    prompts = _prompts(6, seed=6)
+    out = eng.generate(prompts[:3], greedy, sessions=[0, 1, 2])
+    nxt = _next_prompts(prompts[:3], out, seed=7) + prompts[3:]
+    out2 = eng.generate(nxt, greedy, sessions=[0, 1, 2, 3, 4, 5])  # half cached, half new
+    _assert_same(out2, TorchEngine(model, pad_token_id=0).generate(nxt, greedy))
+    # sampled log-probs with sessions match a transformers forward too
+    nxt2 = _next_prompts(nxt, out2, seed=8)
+    out3 = eng.generate(nxt2, SamplingParams(max_new_tokens=16, temperature=0.7, seed=1), sessions=range(6))
+    for p, c in zip(nxt2, out3):
+        logp = torch.log_softmax(model(torch.tensor([p + c.token_ids])).logits[0].float() / 0.7, -1)[len(p) - 1 : -1]
+        ref = logp.gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+        assert torch.allclose(ref, torch.tensor(c.logprobs), atol=1e-4)
+
+
+def test_session_that_is_not_a_prefix_falls_back(model):
+    eng = TorchEngine(model, pad_token_id=0)
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    prompts = _prompts(3, seed=9, max_len=30)
+    prompts = [p + [7, 8, 9] for p in prompts]
+    out = eng.generate(prompts, params, sessions=["a", "b", "c"])
+    new = [
+        [5] + prompts[0][1:] + out[0].token_ids,  # differs at the first token: nothing reusable
+        prompts[1][:-2] + [4, 4, 4, 4],  # shares all but the last two prompt tokens
+        prompts[2] + out[2].token_ids[:-1],  # exactly what was stored: one token must still run
+    ]
+    before = dict(eng.stats)
+    got = eng.generate(new, params, sessions=["a", "b", "c"])
+    _assert_same(got, TorchEngine(model, pad_token_id=0).generate(new, params))
+    assert eng.stats["reused_tokens"] - before["reused_tokens"] == 0 + (len(prompts[1]) - 2) + (len(new[2]) - 1)
+    assert eng.stats["prefill_tokens"] - before["prefill_tokens"] == len(new[0]) + 4 + 1
+
+
+def test_update_weights_clears_sessions():
+    a, b = _fresh_model(1), _fresh_model(2)
+    eng = TorchEngine(_fresh_model(1), pad_token_id=0)
+    params = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=STOPS)
+    prompts = _prompts(5, seed=10)
+    out = eng.generate(prompts, params, sessions=range(5))
+    _assert_same(out, TorchEngine(a, pad_token_id=0).generate(prompts, params))
+    assert eng.num_sessions == 5
+    eng.update_weights(b.state_dict())
+    assert eng.num_sessions == 0
+    nxt = _next_prompts(prompts, out, seed=11)
+    before = eng.stats["reused_tokens"]
+    _assert_same(eng.generate(nxt, params, sessions=range(5)), TorchEngine(b, pad_token_id=0).generate(nxt, params))
+    assert eng.stats["reused_tokens"] == before
+
+
+def test_release_and_lru_eviction(model):
+    eng = TorchEngine(model, pad_token_id=0, max_sessions=2)
+    params = SamplingParams(max_new_tokens=4, temperature=0)
+    prompts = _prompts(3, seed=12)
+    outs = [eng.generate([prompt], params, sessions=[key])[0] for prompt, key in zip(prompts, "xyz")]
+    # "z" evicted "x", the least recently used
+    assert eng.num_sessions == 2
+    eng.release(["y", "unknown"])
+    assert eng.num_sessions == 1
+    before = dict(eng.stats)
+    eng.generate([p + c.token_ids + [5, 6] for p, c in zip(prompts[::2], outs[::2])], params, sessions=["x", "z"])
+    assert eng.stats["reused_tokens"] - before["reused_tokens"] == len(prompts[2]) + 3  # only "z" was kept
+    with pytest.raises(ValueError, match="distinct"):
+        eng.generate([[3], [4]], params, sessions=["x", "x"])
+
+
+def _engine(model, mode):
+    """mode: "onednn" (lean forward, packed oneDNN matmuls), "linear" (lean forward, F.linear) or
+    "model" (the model's own forward)."""
+    eng = TorchEngine(model, pad_token_id=0, fast_forward=mode != "model")
+    if mode == "linear":
+        eng._decoder.onednn, eng._decoder._key = False, None
+    return eng
+
+
+@pytest.mark.parametrize("mode,kv_heads", [("onednn", 1), ("linear", 1), ("linear", 2), ("model", 2), ("model", 1)])
+def test_each_forward_path_with_gqa_matches_plain_decoding(mode, kv_heads):
+    """The lean Llama forward (both matmul paths, GQA too) and the fallback through the model's own
+    forward give the same tokens, with and without sessions, and log-probs that match a forward."""
+    torch.manual_seed(3)
+    model = build_model(ModelConfig(hidden_size=64, num_heads=2, num_kv_heads=kv_heads, num_layers=2), VOCAB, 0, 1, 2)
+    eng = _engine(model.eval(), mode)
+    if mode == "onednn" and not eng._decoder.onednn:
+        pytest.skip("oneDNN's packed linear is not available here")
+    params = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=STOPS)
+    prompts = _prompts(6, seed=13, max_len=20)
+    for turn in range(2):
+        out = eng.generate(prompts, params, sessions=range(6))
+        _assert_same(out, _engine(model, "model" if mode != "model" else "linear").generate(prompts, params))
+        for p, c in zip(prompts, out):
+            logp = torch.log_softmax(model(torch.tensor([p + c.token_ids])).logits[0].float(), -1)[len(p) - 1 : -1]
+            ref = logp.gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+            assert torch.allclose(ref, torch.tensor(c.logprobs), atol=1e-4)
+        prompts = _next_prompts(prompts, out, seed=14 + turn)
+
+
+def test_in_place_weight_changes_are_seen():
+    """The lean forward's fused weights follow in-place changes to the model (e.g. an optimizer step)."""
+    model = _fresh_model(4)
+    eng = TorchEngine(model, pad_token_id=0)
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    prompts = _prompts(4, seed=15)
+    before = eng.generate(prompts, params)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    after = eng.generate(prompts, params)
+    _assert_same(after, TorchEngine(model, pad_token_id=0, fast_forward=False).generate(prompts, params))
+    assert [c.token_ids for c in after] != [c.token_ids for c in before]
+
+
+def test_prefill_length_groups_cover_the_batch_at_least_cost():
+    from itertools import combinations
+
+    from rollout.engine import _length_groups
+
+    lengths = sorted([3, 4, 4, 9, 10, 30, 31, 33])
+    groups = _length_groups(lengths, 8)
+    assert groups[0][0] == 0 and groups[-1][1] == len(lengths)
+    assert all(a < b and b == c for (a, b), (c, _) in zip(groups, groups[1:]))
+
+    def cost(cuts):
+        bounds = [0, *cuts, len(lengths)]
+        return sum((b - a) * lengths[b - 1] + 8 for a, b in zip(bounds, bounds[1:]))
+
+    best = min(cost(c) for k in range(len(lengths)) for c in combinations(range(1, len(lengths)), k))
+    assert cost([b for _, b in groups[:-1]]) == best
+    assert _length_groups([5], 8) == [(0, 1)]

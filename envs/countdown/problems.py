@@ -246,6 +246,12 @@ class CountdownTasks(TaskSource):
         problems = load_problems_jsonl(path, num_inputs=self.config.num_inputs)
         return [{"id": f"{Path(path).name}/{i}", **p.to_dict()} for i, p in enumerate(problems)]
 
+    def sample_tasks(self, split: str, n: int, rng: random.Random) -> list[dict]:
+        """Train tasks are drawn fresh from the train distribution (the split is ~unbounded)."""
+        if split != TRAIN_SPLIT:
+            return super().sample_tasks(split, n, rng)
+        return [self.sample_train(rng).to_dict() for _ in range(n)]
+
     def sample_train(self, rng: random.Random) -> Problem:
         """A fresh problem from the train distribution (never a heldout_seen one)."""
         excluded = {p.key for p in self.problems(HELDOUT_SEEN)}

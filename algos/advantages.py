@@ -1,0 +1,75 @@
+"""Advantage estimators: where PPO, GRPO and RLOO differ. Everything else is shared (losses.py).
+
+Notation (one episode): the policy wrote tokens a_1 … a_N (observation tokens are the env's moves,
+not time steps of the policy); r_k is the reward on a_k — a turn's reward sits on its last token,
+0 elsewhere; V_k is the critic's value of the state before a_k.
+
+PPO — token-level GAE (Schulman et al. 2016) over the policy's tokens, V_{N+1} = 0 at the end:
+    δ_k = r_k + γ V_{k+1} − V_k
+    A_k = δ_k + γ λ A_{k+1}            returns R_k = A_k + V_k (the value target)
+
+GRPO (Shao et al. 2024) and RLOO (Ahmadian et al. 2024) — no critic; G episodes of one task form a
+group. Each token's return-to-go is G_k = Σ_{j≥k} γ^{j−k} r_j; the baseline comes from the
+episode returns R^(i) = G_1^(i) of the group:
+    GRPO:  A_k^(i) = (G_k^(i) − mean_j R^(j)) / (std_j R^(j) + ε)     (÷std switchable)
+    RLOO:  A_k^(i) = G_k^(i) − 1/(G−1) Σ_{j≠i} R^(j)
+With sparse rewards and γ = 1, G_k = R for every token: the papers' episode-level advantages. With
+dense rewards, a token is credited only with the progress made from its turn on.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """rewards, values [N] over one episode's policy tokens -> (advantages [N], returns [N])."""
+    n = rewards.shape[0]
+    adv = torch.zeros_like(rewards)
+    next_value, next_adv = 0.0, 0.0
+    for k in range(n - 1, -1, -1):
+        delta = rewards[k] + gamma * next_value - values[k]
+        next_adv = delta + gamma * lam * next_adv
+        adv[k] = next_adv
+        next_value = values[k]
+    return adv, adv + values
+
+
+def returns_to_go(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+    """[N] -> [N]: G_k = Σ_{j≥k} γ^{j−k} r_j."""
+    out = torch.zeros_like(rewards)
+    running = 0.0
+    for k in range(rewards.shape[0] - 1, -1, -1):
+        running = rewards[k] + gamma * running
+        out[k] = running
+    return out
+
+
+def group_baselines(episode_returns: torch.Tensor, groups: torch.Tensor, kind: str,
+                    std_normalize: bool = True, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(baseline [E], scale [E]) per episode: A = (G − baseline) / scale.
+
+    kind "grpo": baseline = group mean, scale = group std (population std, as GRPO) + eps if
+    std_normalize else 1; a group whose returns are all equal has no spread to normalise by and
+    keeps scale 1 (with sparse rewards its advantages are 0 anyway; with dense ones dividing the
+    turn-level differences by ~0 would blow them up). kind "rloo": baseline = mean of the *other*
+    members, scale = 1. A group of one has baseline = its own return (no signal) under both.
+    """
+    baseline = torch.empty_like(episode_returns)
+    scale = torch.ones_like(episode_returns)
+    for g in groups.unique():
+        idx = (groups == g).nonzero().flatten()
+        r = episode_returns[idx]
+        n = r.numel()
+        if n == 1:
+            baseline[idx] = r
+            continue
+        if kind == "grpo":
+            baseline[idx] = r.mean()
+            std = r.std(unbiased=False)
+            if std_normalize and std > eps:
+                scale[idx] = std + eps
+        elif kind == "rloo":
+            baseline[idx] = (r.sum() - r) / (n - 1)
+        else:
+            raise ValueError(f"unknown group baseline {kind!r}; use 'grpo' or 'rloo'")
+    return baseline, scale

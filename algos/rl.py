@@ -1,0 +1,135 @@
+"""The RL training loop: collect → advantages → update → sync, with evals and checkpoints.
+
+    for it in iterations:
+        tasks  = tasks_per_iter train tasks, drawn from a generator seeded by (seed, it)
+        trajs  = rollout workers play group_size episodes of each task        (collect)
+        update = learner.update(trajs without infra errors)                    (advantages + update)
+        sync   = new policy weights pushed to every worker                     (sync)
+        every eval_every: greedy episodes on held-out tasks; every save_every: a checkpoint
+
+Everything random is seeded by (seed, iteration), so a run killed after iteration k and resumed
+from its checkpoint plays and learns exactly what the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+import envs
+from algos.checkpoint import latest_checkpoint, load_learner_state, load_policy, policy_folder, save_checkpoint
+from algos.config import Experiment, save_config
+from algos.evaluate import episode_summary, print_summary, save_eval
+from algos.learner import Learner
+from algos.metrics import MetricsLogger
+from algos.runtime import apply_threads, rng_state, seed_everything, set_rng_state
+from rollout.runner import episode_seed
+from rollout.worker import RolloutPool, WorkerSpec
+
+
+def rollout_metrics(trajs, stats: dict) -> dict[str, float]:
+    scored = [t for t in trajs if not t.infra_error]
+    n = max(len(scored), 1)
+    return {
+        "reward": sum(t.episode_return for t in scored) / n,
+        "success": sum(t.won for t in scored) / n,
+        "episode_turns": sum(t.turns for t in scored) / n,
+        "episode_tokens": sum(len(t.token_ids) for t in scored) / n,
+        "policy_tokens": float(sum(t.num_policy_tokens for t in scored)),
+        "truncated": sum(t.truncated is not None for t in scored) / n,
+        "cut_turns": float(sum(t.cut_turns for t in scored)),
+        "infra_errors": float(len(trajs) - len(scored)),
+        "generate_s": stats.get("generate_s", 0.0),
+        "env_s": stats.get("env_s", 0.0),
+    }
+
+
+def evaluate_pool(pool: RolloutPool, tasks: list[dict], seed: int) -> tuple[dict, list[dict]]:
+    trajs, stats = pool.play(tasks, 1, seed=seed, temperature=0.0)
+    return episode_summary(trajs, stats)
+
+
+def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
+             stop_after: int | None = None) -> dict:
+    """Run the RL stage of `exp` from the policy in `init_from`; returns the before/after evals.
+
+    stop_after: end after this many iterations of this call (a simulated kill, for tests).
+    """
+    from algos.recipes import heldout_tasks  # recipes imports this module
+
+    cfg = exp.rl
+    seed_everything(exp.seed)
+    apply_threads(exp.runtime)
+    run_dir = Path(exp.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(exp, run_dir / "config.yaml")
+
+    init = policy_folder(init_from)
+    model, tokenizer = load_policy(init)
+    learner = Learner(exp, model, tokenizer.pad_token_id)
+    start, state = 0, {}
+    ck = latest_checkpoint(run_dir) if resume else None
+    if ck is not None:
+        state = load_learner_state(ck, learner.engine)
+        set_rng_state(state["rng"])
+        start = state["iteration"]
+        tqdm.write(f"resumed from {ck} at iteration {start}")
+
+    spec = WorkerSpec(policy_folder=str(init), env_name=exp.env.name, env_options=exp.env_options(),
+                      max_episode_tokens=exp.model.max_seq_len)
+    pool = RolloutPool(spec, exp.rollout, exp.ray)
+    log = MetricsLogger(run_dir)
+    try:
+        if start > 0:
+            pool.update_weights(learner.policy_state_dict())
+        source = envs.make_tasks(exp.env.name, **exp.env_options())
+        split, eval_tasks = heldout_tasks(exp, limit=cfg.eval_tasks)
+        before = state.get("before")
+        if before is None:
+            before, _ = evaluate_pool(pool, eval_tasks, seed=episode_seed(exp.seed, "eval", 0))
+            log.log(0, before, prefix="eval/")
+            tqdm.write(f"before RL: held-out success {before['accuracy']:.1%} on {before['tasks']} tasks")
+
+        end = cfg.iterations if stop_after is None else min(cfg.iterations, start + stop_after)
+        bar = tqdm(range(start, end), desc=f"rl/{cfg.algo}", initial=start, total=cfg.iterations,
+                   dynamic_ncols=True)
+        last = before
+        for it in bar:
+            t0 = time.perf_counter()
+            tasks = source.sample_tasks("train", cfg.tasks_per_iter, random.Random(episode_seed(exp.seed, "tasks", it)))
+            trajs, stats = pool.play(tasks, cfg.group_size, seed=episode_seed(exp.seed, "play", it))
+            collect_s = time.perf_counter() - t0
+            metrics = rollout_metrics(trajs, stats)
+            metrics.update(learner.update([t for t in trajs if not t.infra_error], seed=episode_seed(exp.seed, it)))
+            metrics["sync_s"] = pool.update_weights(learner.policy_state_dict())
+            metrics["collect_s"] = collect_s
+            metrics["rollout_tokens_per_s"] = metrics["policy_tokens"] / max(collect_s, 1e-9)
+            metrics["iteration_s"] = time.perf_counter() - t0
+            log.log(it + 1, metrics, prefix="train/")
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", success=f"{metrics['success']:.2f}",
+                            kl=f"{metrics.get('kl_old', 0):.4f}")
+
+            done = it + 1
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.iterations:
+                last, _ = evaluate_pool(pool, eval_tasks, seed=episode_seed(exp.seed, "eval", done))
+                log.log(done, last, prefix="eval/")
+                tqdm.write(f"iteration {done}: held-out success {last['accuracy']:.1%}")
+            if done % cfg.save_every == 0 or done == cfg.iterations:
+                save_checkpoint(run_dir, done, learner.engine, tokenizer,
+                                {"iteration": done, "rng": rng_state(), "before": before}, cfg.keep_checkpoints)
+        bar.close()
+        if end < cfg.iterations:
+            return {"before": before, "stopped_at": end}
+
+        after, records = evaluate_pool(pool, eval_tasks, seed=episode_seed(exp.seed, "eval", cfg.iterations))
+        log.log(cfg.iterations, after, prefix="eval/")
+        save_eval(run_dir / "eval" / f"{split}_rl.json", after, records,
+                  {"checkpoint": str(latest_checkpoint(run_dir)), "split": split, "before": before})
+        print_summary(f"{exp.name}: held-out {split}, before and after {cfg.algo.upper()}",
+                      {"before RL": before, "after RL": after})
+        return {"before": before, "after": after}
+    finally:
+        log.close()
+        pool.shutdown()

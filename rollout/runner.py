@@ -1,0 +1,204 @@
+"""The multi-turn episode loop: many environments, one batched generate call per turn.
+
+    reset every env ─► prompt tokens
+    while any episode is live:
+        generate one turn for every live episode (a single batched engine call; with sessions the
+        engine reuses each conversation's KV cache, so only the new observation is prefilled)
+        step each env with its action (in a thread, under a time limit)
+        append the action tokens (policy) and the observation tokens (env) to the conversation
+
+An env that raises, or hangs past `env_timeout_s`, ends its episode with `infra_error` set: the
+learner drops such episodes and the metrics count them; they are never scored as failures.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rollout.engine import SamplingParams
+from rollout.trajectory import Trajectory
+
+
+class RolloutConfig(BaseModel):
+    """How episodes are played (the `rollout` section of a recipe)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_workers: int = Field(1, ge=0, description="Ray rollout actors; 0 = play in the learner's process")
+    backend: str = Field("torch", pattern="^(torch|vllm)$", description="inference engine of each worker")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    threads_per_worker: int | None = Field(None, ge=1, description="torch threads in a worker; None = its CPUs")
+    max_turn_tokens: int = Field(64, ge=1, description="new tokens per turn; a longer turn is cut")
+    max_episode_tokens: int | None = Field(None, ge=8, description="conversation budget; None = model.max_seq_len")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    env_timeout_s: float = Field(30.0, gt=0, description="an env step or reset slower than this is an infra error")
+    max_batch_size: int = Field(256, ge=1, description="sequences per engine forward")
+
+
+@dataclass
+class EpisodeStats:
+    """What one `play` call measured (summed over its episodes)."""
+
+    episodes: int = 0
+    turns: int = 0
+    policy_tokens: int = 0
+    env_tokens: int = 0
+    generate_s: float = 0.0
+    env_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+def episode_seed(*parts: Any) -> int:
+    """A stable 63-bit seed from any parts (the same across processes and Python runs)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class EpisodeRunner:
+    """Plays episodes of one env with one engine, batching generation across live episodes."""
+
+    def __init__(self, engine, tokenizer, env_factory: Callable[[], Any], fmt, cfg: RolloutConfig,
+                 max_episode_tokens: int):
+        self.engine, self.tokenizer, self.env_factory, self.fmt, self.cfg = engine, tokenizer, env_factory, fmt, cfg
+        self.max_episode_tokens = min(cfg.max_episode_tokens or max_episode_tokens, max_episode_tokens)
+        self.stop_ids = tuple(self._single_token(t) for t in fmt.stop_texts) + (tokenizer.eos_token_id,)
+        self.envs: list[Any] = []
+        self._pool = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="env")
+        self._sessions = 0
+
+    def _single_token(self, text: str) -> int:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"stop text {text!r} is {len(ids)} tokens under this tokenizer; it must be one")
+        return ids[0]
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _call(self, fn, *args, **kwargs):
+        """Run an env call under the time limit; (result, None) or (None, error text)."""
+        future = self._pool.submit(fn, *args, **kwargs)
+        try:
+            return future.result(timeout=self.cfg.env_timeout_s), None
+        except cf.TimeoutError:
+            # The thread cannot be killed; a fresh pool keeps the hung one from blocking later calls.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="env")
+            return None, f"timeout after {self.cfg.env_timeout_s:g}s in {getattr(fn, '__name__', 'env call')}"
+        except Exception as e:  # noqa: BLE001 — any env failure is an infra error, not a policy failure
+            return None, f"{type(e).__name__}: {e}"
+
+    def play(self, tasks: Sequence[dict], group_size: int = 1, seed: int = 0, temperature: float | None = None,
+             ) -> tuple[list[Trajectory], EpisodeStats]:
+        """Play `group_size` episodes of each task; returns trajectories in (task, member) order."""
+        n = len(tasks) * group_size
+        while len(self.envs) < n:
+            self.envs.append(self.env_factory())
+        temp = self.cfg.temperature if temperature is None else temperature
+        stats = EpisodeStats(episodes=n)
+        trajs = [Trajectory(task=tasks[i // group_size], group=i // group_size) for i in range(n)]
+        sessions = [self._next_session() for _ in range(n)]
+        last_obs: list[str] = [""] * n
+        live: list[int] = []
+        bos = [self.tokenizer.bos_token_id]
+
+        t0 = time.perf_counter()
+        for i, tr in enumerate(trajs):
+            out, err = self._call(self.envs[i].reset, seed=episode_seed(seed, i), options={"task": tr.task})
+            if err:
+                tr.infra_error = f"reset: {err}"
+                self.envs[i] = self.env_factory()
+                continue
+            obs, _info = out
+            last_obs[i] = obs
+            tr.append(bos + self._encode(self.fmt.prompt(obs)), policy=False)
+            live.append(i)
+        stats.env_s += time.perf_counter() - t0
+
+        turn = 0
+        while live:
+            # Episodes at their token budget end here; the rest generate one turn together.
+            room = {i: self.max_episode_tokens - len(trajs[i].token_ids) for i in live}
+            for i in [i for i in live if room[i] <= 0]:
+                trajs[i].truncated = "episode_tokens"
+                live.remove(i)
+            if not live:
+                break
+            params = SamplingParams(
+                max_new_tokens=min(self.cfg.max_turn_tokens, max(room[i] for i in live)),
+                temperature=temp, top_p=self.cfg.top_p, stop_token_ids=self.stop_ids,
+                seed=episode_seed(seed, "turn", turn),
+            )
+            t0 = time.perf_counter()
+            completions = self.engine.generate([trajs[i].token_ids for i in live], params,
+                                               sessions=[sessions[i] for i in live])
+            stats.generate_s += time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            still_live = []
+            for i, comp in zip(live, completions):
+                tr = trajs[i]
+                ids, logps = comp.token_ids[: room[i]], comp.logprobs[: room[i]]
+                tr.append(ids, policy=True, logprobs=logps)
+                tr.turns += 1
+                stats.turns += 1
+                stats.policy_tokens += len(ids)
+                if len(ids) < len(comp.token_ids):  # cut by the episode budget: no action is taken
+                    tr.add_turn_reward(0.0)
+                    tr.truncated = "episode_tokens"
+                    continue
+                if comp.finish_reason == "length":
+                    tr.cut_turns += 1  # recorded; the cut text is still the action
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                action = self.fmt.action(last_obs[i], text)
+                out, err = self._call(self.envs[i].step, action)
+                if err:
+                    tr.add_turn_reward(0.0)
+                    tr.infra_error = f"step: {err}"
+                    self.envs[i] = self.env_factory()
+                    continue
+                obs, reward, terminated, truncated, info = out
+                if info.get("infra_error"):
+                    tr.infra_error = str(info["infra_error"])
+                tr.add_turn_reward(reward)
+                tr.won = bool(info.get("won", False))
+                tr.final_info = {k: v for k, v in info.items() if k not in ("admissible_actions",)}
+                if terminated or truncated or tr.infra_error:
+                    if truncated and not terminated:
+                        tr.truncated = "max_turns"
+                    continue
+                obs_ids = self._encode(self.fmt.observation(obs, action, text))
+                stats.env_tokens += len(obs_ids)
+                tr.append(obs_ids, policy=False)
+                last_obs[i] = obs
+                still_live.append(i)
+            stats.env_s += time.perf_counter() - t0
+            live = still_live
+            turn += 1
+
+        self.engine.release(sessions)
+        for tr in trajs:
+            tr.check()
+        return trajs, stats
+
+    def _next_session(self) -> int:
+        self._sessions += 1
+        return self._sessions
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for env in self.envs:
+            try:
+                env.close()
+            except Exception:  # noqa: BLE001 — closing a broken env must not mask the real result
+                pass

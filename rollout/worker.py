@@ -1,0 +1,163 @@
+"""Rollout workers: Ray actors that each own an inference engine and a batch of environments.
+
+    pool = RolloutPool(spec, rollout_cfg, ray_cfg)     # N actors (or one in-process worker)
+    trajs, stats = pool.play(tasks, group_size=8, seed=it)
+    pool.update_weights(learner.policy_state_dict())   # one object-store put, every actor loads it
+
+`num_workers: 0` plays in the calling process (no Ray): the same code path, handy for debugging
+and for tests that must be bit-reproducible.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from rollout.runner import EpisodeRunner, RolloutConfig
+from rollout.trajectory import Trajectory
+
+
+class RayConfig(BaseModel):
+    """Where Ray runs (the `ray` section). address None starts a local cluster on this machine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(None, description="'auto' or 'host:port' of a running cluster; None = local")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local cluster; None = all")
+    namespace: str = "turnstile"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to build itself, picklable for Ray."""
+
+    policy_folder: str  # a save_pretrained folder (model + tokenizer): the starting weights
+    env_name: str
+    env_options: dict[str, Any]
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_episode_tokens: int = 1024
+
+
+def make_engine(backend: str, model, tokenizer, spec: WorkerSpec, cfg: RolloutConfig):
+    if backend == "vllm":
+        from rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(spec.policy_folder, dtype=spec.dtype, device=spec.device,
+                          max_batch_size=cfg.max_batch_size)
+    from rollout.engine import TorchEngine
+
+    return TorchEngine(model, pad_token_id=tokenizer.pad_token_id, device=spec.device,
+                       dtype=getattr(torch, spec.dtype), max_batch_size=cfg.max_batch_size)
+
+
+class RolloutWorker:
+    """One engine + its environments. Used directly (in-process) or as a Ray actor."""
+
+    def __init__(self, spec: WorkerSpec, cfg: RolloutConfig, threads: int | None = None):
+        import envs
+        from agents.formats import format_for
+        from algos.checkpoint import load_policy
+
+        if threads:
+            torch.set_num_threads(threads)
+        model, tokenizer = load_policy(spec.policy_folder, device="cpu")
+        engine = make_engine(cfg.backend, model, tokenizer, spec, cfg)
+        env_cfg = envs.validate_config(spec.env_name, spec.env_options)
+        self.runner = EpisodeRunner(engine, tokenizer, lambda: envs.make(spec.env_name, env_cfg),
+                                    format_for(spec.env_name), cfg, spec.max_episode_tokens)
+
+    def play(self, tasks: Sequence[dict], group_size: int, seed: int, temperature: float | None = None):
+        trajs, stats = self.runner.play(tasks, group_size, seed, temperature)
+        return trajs, stats.as_dict()
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> float:
+        t0 = time.perf_counter()
+        self.runner.engine.update_weights(state_dict)
+        return time.perf_counter() - t0
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+def init_ray(cfg: RayConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters: no token files under $HOME
+    if cfg.address:
+        ray.init(address=cfg.address, namespace=cfg.namespace, log_to_driver=False)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, namespace=cfg.namespace, include_dashboard=False, log_to_driver=False)
+
+
+class RolloutPool:
+    """N rollout workers behind one call; tasks are split into contiguous chunks, groups intact."""
+
+    def __init__(self, spec: WorkerSpec, cfg: RolloutConfig, ray_cfg: RayConfig | None = None):
+        self.cfg = cfg
+        threads = cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker))
+        if cfg.num_workers == 0:
+            self.local: RolloutWorker | None = RolloutWorker(spec, cfg, threads=cfg.threads_per_worker)
+            self.actors: list = []
+            return
+        import ray
+
+        init_ray(ray_cfg or RayConfig())
+        actor_cls = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(RolloutWorker)
+        self.local = None
+        self.actors = [actor_cls.remote(spec, cfg, threads) for _ in range(cfg.num_workers)]
+        ray.get([a.ping.remote() for a in self.actors])  # surface construction errors here
+
+    @property
+    def size(self) -> int:
+        return max(1, len(self.actors))
+
+    def play(self, tasks: Sequence[dict], group_size: int, seed: int,
+             temperature: float | None = None) -> tuple[list[Trajectory], dict[str, float]]:
+        if self.local is not None:
+            return self.local.play(tasks, group_size, seed, temperature)
+        import ray
+
+        k = len(self.actors)
+        bounds = [round(j * len(tasks) / k) for j in range(k + 1)]
+        calls = [(j, a.play.remote(list(tasks[bounds[j]:bounds[j + 1]]), group_size, seed * 1000 + j, temperature))
+                 for j, a in enumerate(self.actors) if bounds[j + 1] > bounds[j]]
+        trajs: list[Trajectory] = []
+        stats: dict[str, float] = {}
+        for j, ref in calls:
+            part, part_stats = ray.get(ref)
+            for tr in part:
+                tr.group += bounds[j]  # group ids are per call: make them global
+            trajs += part
+            for key, v in part_stats.items():
+                # Phases run in parallel across workers: time is the slowest worker's, counts add up.
+                stats[key] = max(stats.get(key, 0.0), v) if key.endswith("_s") else stats.get(key, 0) + v
+        return trajs, stats
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> float:
+        """Push new policy weights to every worker; returns the wall seconds it took."""
+        t0 = time.perf_counter()
+        if self.local is not None:
+            self.local.update_weights(state_dict)
+        else:
+            import ray
+
+            ref = ray.put(dict(state_dict))  # one copy in the object store, read by every actor
+            ray.get([a.update_weights.remote(ref) for a in self.actors])
+        return time.perf_counter() - t0
+
+    def shutdown(self) -> None:
+        if self.local is not None:
+            self.local.runner.close()
+        for a in self.actors:
+            import ray
+
+            ray.kill(a)
+        self.actors = []

@@ -1,0 +1,314 @@
+"""The TextWorld env: generated games (cached, split by seed), rewards, demos, user folders.
+
+Generates ~10 tiny games once per session (about 15 s on one core) into a temporary cache.
+"""
+
+import hashlib
+import json
+import shutil
+
+import pytest
+
+pytest.importorskip("textworld")
+
+import envs  # noqa: E402
+from envs import EnvConfigError  # noqa: E402
+from envs.textworld import (  # noqa: E402
+    BLOCKED_REPLY,
+    TextWorldTasks,
+    command_from_action,
+    flatten_demo,
+    generate_one,
+    load_games,
+    parse_complexity,
+    replay_walkthrough,
+)
+from envs.textworld.generate import stem  # noqa: E402
+
+COMPLEXITY = "w2-o3-q4"
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("tw_cache")
+
+
+@pytest.fixture(scope="session")
+def cfg(cache):
+    return {"complexity": COMPLEXITY, "train_size": 3, "heldout_size": 2,
+            "cache_dir": str(cache), "progress": False}
+
+
+@pytest.fixture(scope="session")
+def source(cfg, cache):
+    folder = cache / COMPLEXITY
+    folder.mkdir(parents=True)
+    # Seed 1 is already known as dropped: the train split must skip it, not regenerate it.
+    (folder / f"{stem(1)}.dropped.json").write_text(json.dumps(
+        {"seed": 1, "status": "stalled", "reason": "planted by the test"}))
+    src = envs.make_tasks("textworld", cfg)
+    src.tasks("train")
+    return src
+
+
+@pytest.fixture(scope="session")
+def simple_task(cache):
+    """One tw-simple game: 7 points, so dense rewards come in several payments."""
+    src = envs.make_tasks("textworld", complexity="tw-simple", train_size=1, heldout_size=0,
+                          cache_dir=str(cache), progress=False)
+    return src.tasks("train")[0]
+
+
+def play(env, task, actions):
+    obs, info = env.reset(options={"task": task})
+    steps = [env.step(a) for a in actions]
+    return obs, info, steps
+
+
+# -- generation, cache, splits ------------------------------------------------------------------
+
+
+def test_splits_have_the_configured_sizes_and_skip_dropped_seeds(source):
+    train, heldout = source.tasks("train"), source.tasks("heldout")
+    assert len(train) == 3 and len(heldout) == 2
+    assert 1 not in [t["seed"] for t in train]
+    assert [t["seed"] for t in train] == sorted(t["seed"] for t in train)
+    assert all(t["seed"] >= 1_000_000 for t in heldout)
+    assert all(t["seed"] < 1_000_000 for t in train)
+    kept = sum(r.kept for r in source.reports)
+    assert source.generated == kept + sum(r.dropped for r in source.reports) > 0
+    assert not (source.folder / f"{stem(1)}.z8").exists()  # the dropped seed was not rebuilt
+
+
+def test_train_and_heldout_share_no_game(source):
+    train_keys = {source.task_key(t) for t in source.tasks("train")}
+    heldout_keys = {source.task_key(t) for t in source.tasks("heldout")}
+    assert len(train_keys) == 3 and len(heldout_keys) == 2
+    assert not train_keys & heldout_keys
+    assert not {t["game"] for t in source.tasks("train")} & {t["game"] for t in source.tasks("heldout")}
+    assert source.heldout_splits() == ["heldout"]
+
+
+def test_same_seed_gives_the_same_game(source, tmp_path):
+    task = source.tasks("train")[0]
+    again = generate_one(COMPLEXITY, task["seed"], str(tmp_path))
+    assert again["status"] == "kept"
+    assert again["walkthrough"] == task["walkthrough"]
+    assert again["game_hash"] == task["game_hash"]
+    original = json.loads((source.folder / f"{stem(task['seed'])}.json").read_text())
+    regenerated = json.loads((tmp_path / f"{stem(task['seed'])}.json").read_text())
+    assert original == regenerated
+    digest = [hashlib.sha256(p.read_bytes()).hexdigest()
+              for p in (source.folder / f"{stem(task['seed'])}.z8", tmp_path / f"{stem(task['seed'])}.z8")]
+    assert digest[0] == digest[1]
+
+
+def test_second_run_reuses_the_cache(source, cfg):
+    again = envs.make_tasks("textworld", cfg)
+    for split in ("heldout", "train"):
+        assert again.tasks(split) == source.tasks(split)
+    assert again.generated == 0 and again.reports == []
+
+
+def test_walkthrough_replays_win_every_kept_game(source):
+    env = envs.make("textworld", complexity=COMPLEXITY)
+    for task in source.tasks("train") + source.tasks("heldout"):
+        assert replay_walkthrough(task["game"], task["walkthrough"])["status"] == "kept"
+        _, _, steps = play(env, task, task["walkthrough"])
+        obs, reward, terminated, truncated, info = steps[-1]
+        assert info["won"] and terminated and not truncated and reward == 1.0, task["id"]
+        assert "*** The End ***" in obs
+
+
+def test_a_parser_question_counts_as_a_stall(source):
+    game = source.tasks("train")[0]["game"]
+    check = replay_walkthrough(game, ["restart"])  # Inform asks "Are you sure ...?"
+    assert check["status"] == "stalled" and "parser question" in check["reason"]
+    assert replay_walkthrough(game, ["look"])["status"] == "failed"
+
+
+def test_stalled_games_are_dropped_counted_and_remembered(tmp_path, monkeypatch):
+    import envs.textworld.generate as gen
+
+    def stall(z8_path, walkthrough):
+        return {"status": "stalled", "reason": "parser question (simulated)", "steps": 1}
+
+    monkeypatch.setattr(gen, "replay_walkthrough", stall)
+    cache = gen.GameCache(envs.textworld.parse_complexity(COMPLEXITY), tmp_path)
+    report = cache.generate([7], workers=1, progress=False)
+    assert (report.generated, report.kept, report.stalled, report.dropped) == (1, 0, 1, 1)
+    assert "1 stalled" in str(report) and "games/s" in str(report)
+    folder = tmp_path / COMPLEXITY
+    assert json.loads((folder / f"{stem(7)}.dropped.json").read_text())["status"] == "stalled"
+    assert not list(folder.glob("*.z8")) and not list(folder.glob(".seed*"))
+    again = gen.GameCache(envs.textworld.parse_complexity(COMPLEXITY), tmp_path)
+    assert again.generate([7], progress=False).generated == 0
+
+
+# -- the env -----------------------------------------------------------------------------------
+
+
+def test_first_observation_and_info_keys(source):
+    env = envs.make("textworld", complexity=COMPLEXITY, admissible_commands=True)
+    obs, info = env.reset(options={"task": source.tasks("heldout")[0]})
+    for key in envs.REQUIRED_INFO_KEYS + ("lost", "score", "max_score", "intermediate_reward"):
+        assert key in info
+    assert info["objective"] and obs.startswith(info["objective"])
+    assert "-= " in obs  # the room description
+    last = obs.splitlines()[-1]
+    assert last.startswith("Admissible commands: ") and "look" in last
+    assert "look" in info["admissible_actions"] and info["max_turns"] == 12
+    assert env.observation_space.contains(obs)
+
+
+def test_unknown_command_gets_the_games_reply_and_the_episode_goes_on(source):
+    env = envs.make("textworld", complexity=COMPLEXITY)
+    task = source.tasks("train")[0]
+    _, _, steps = play(env, task, ["dance wildly", "restart", ""] + task["walkthrough"])
+    obs, reward, terminated, truncated, info = steps[0]
+    assert obs == "That's not a verb I recognise."
+    assert (reward, terminated, truncated, info["won"], info["infra_error"]) == (0.0, False, False, False, False)
+    assert steps[1][0] == BLOCKED_REPLY and steps[1][4]["blocked"]
+    assert steps[2][0] == "I beg your pardon?"
+    assert steps[-1][4]["won"]
+
+
+def test_max_turns_truncates_then_step_raises(source):
+    env = envs.make("textworld", complexity=COMPLEXITY, max_turns=2)
+    _, _, steps = play(env, source.tasks("train")[0], ["look", "inventory"])
+    assert [s[3] for s in steps] == [False, True] and not steps[-1][2]
+    with pytest.raises(RuntimeError):
+        env.step("look")
+
+
+@pytest.mark.parametrize("density", ["sparse", "dense"])
+def test_rewards_sum_to_one_on_a_win(simple_task, density):
+    env = envs.make("textworld", complexity="tw-simple", reward_density=density)
+    _, info, steps = play(env, simple_task, simple_task["walkthrough"])
+    assert info["max_score"] > 1
+    rewards = [s[1] for s in steps]
+    assert steps[-1][4]["won"] and sum(rewards) == 1.0
+    running = 0.0
+    for r in rewards:
+        running += r
+        assert running <= 1.0
+    if density == "sparse":
+        assert rewards[:-1] == [0.0] * (len(rewards) - 1)
+    else:
+        paid = [r for r in rewards if r > 0]
+        assert len(paid) > 2  # several score gains, each paid when it happens
+        points = [s[4]["reward_components"]["score"] for s in steps]
+        for r, p in zip(rewards[:-1], points[:-1]):
+            assert r == pytest.approx(p / info["max_score"], abs=1e-5)
+
+
+def test_dense_reward_of_an_unfinished_episode_is_below_one(simple_task):
+    env = envs.make("textworld", complexity="tw-simple", reward_density="dense")
+    _, _, steps = play(env, simple_task, simple_task["walkthrough"][:-1])
+    total = sum(s[1] for s in steps)
+    assert 0.0 < total < 1.0 and not any(s[4]["won"] for s in steps)
+
+
+def test_engine_failure_is_an_infra_error(source, monkeypatch):
+    env = envs.make("textworld", complexity=COMPLEXITY)
+    env.reset(options={"task": source.tasks("train")[0]})
+
+    def broken(command):
+        raise OSError("game process died")
+
+    monkeypatch.setattr(env._game, "step", broken)
+    obs, reward, terminated, truncated, info = env.step("look")
+    assert info["infra_error"] and truncated and not terminated and reward == 0.0
+    assert "game process died" in info["error"]
+
+
+def test_reset_without_a_task_draws_a_train_game(cfg, source):
+    env = envs.make("textworld", cfg)
+    env.reset(seed=3)
+    assert env.task in source.tasks("train")
+
+
+def test_commands_and_complexity_names_are_normalised():
+    assert command_from_action("\n> go south\nand then north") == "go south"
+    assert command_from_action("   ") == ""
+    assert parse_complexity("W4-O6-Q8").name == "w4-o6-q8"
+    assert parse_complexity("tw-cooking").name == "tw-cooking-r1-t1-g6-open-cook-cut"
+    assert parse_complexity("tw-simple").name == "tw-simple-dense-detailed"
+    assert parse_complexity("w4-o6-q8").default_max_turns == 24
+
+
+# -- bad settings ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ({"complexity": "w2-o3-q0"}, ["complexity", "quest length"]),
+        ({"complexity": "w0-o3-q4"}, ["complexity", "world size"]),
+        ({"complexity": "hard-mode"}, ["complexity", "unknown complexity name", "w{W}-o{O}-q{Q}"]),
+        ({"complexity": "tw-cooking-g7"}, ["complexity", "rooms"]),
+        ({"workers": 0}, ["workers"]),
+        ({"max_turns": 0}, ["max_turns"]),
+        ({"train_sizes": 4}, ["train_sizes", "did you mean 'train_size'"]),
+    ],
+)
+def test_bad_settings_name_the_key(bad, words):
+    with pytest.raises(EnvConfigError) as e:
+        envs.make_tasks("textworld", **bad)
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_missing_games_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such_games"):
+        envs.make_tasks("textworld").tasks_from_file(str(tmp_path / "no_such_games"))
+
+
+# -- games a user brings -----------------------------------------------------------------------
+
+
+def test_folder_of_games_as_tasks(source, tmp_path):
+    folder = tmp_path / "my_games"
+    folder.mkdir()
+    originals = source.tasks("heldout")
+    for i, task in enumerate(originals):  # as tw-make leaves them: .z8 + .json, no meta
+        for ext in (".z8", ".json"):
+            shutil.copy(task["game"].removesuffix(".z8") + ext, folder / f"game{i}{ext}")
+    tasks = source.tasks_from_file(str(folder))
+    assert [t["walkthrough"] for t in tasks] == [t["walkthrough"] for t in originals]
+    assert [t["max_score"] for t in tasks] == [t["max_score"] for t in originals]
+    assert [source.task_key(t) for t in tasks] == [source.task_key(t) for t in originals]
+    env = envs.make("textworld", complexity=COMPLEXITY)
+    for task in tasks:
+        *_, steps = play(env, task, task["walkthrough"])
+        assert steps[-1][4]["won"]
+    (folder / "game0.json").unlink()
+    with pytest.raises(ValueError, match="game0.json"):
+        load_games(folder)
+
+
+# -- demonstrations ----------------------------------------------------------------------------
+
+
+def test_demonstrations_are_what_the_env_shows(source, cfg):
+    demos = list(source.demonstrations("train", n=2, seed=0, admissible_commands=True))
+    assert len(demos) == 2
+    env = envs.make("textworld", cfg, admissible_commands=True)
+    for demo in demos:
+        assert demo["won"] and demo["task"]["walkthrough"] == [t["action"] for t in demo["turns"]]
+        obs, _ = env.reset(options={"task": demo["task"]})
+        for turn in demo["turns"]:
+            assert turn["observation"] == obs
+            obs, *_ = env.step(turn["action"])
+        assert obs == demo["final_observation"]
+        text = demo["prompt"] + demo["completion"]
+        assert [text[a:b] for a, b in demo["action_spans"]] == [t["action"] for t in demo["turns"]]
+        assert demo["prompt"] == demo["turns"][0]["observation"] + "\n> "
+        assert flatten_demo(demo)["completion"] == demo["completion"]
+        json.dumps(demo)  # JSON-able, for the data cache
+
+
+def test_tasks_source_class_is_registered():
+    assert "textworld" in envs.list_envs()
+    assert envs.config_class("textworld")().complexity == "w2-o3-q4"
+    assert isinstance(envs.make_tasks("textworld"), TextWorldTasks)
