@@ -62,14 +62,20 @@ def clean_text(text: str | None) -> str:
     return _BLANK_RUNS_RE.sub("\n\n", "\n".join(lines)).strip()
 
 
+# The Z-machine interpreter crashes the whole process on some control characters (a policy's
+# raw bytes included), and parses only printable ASCII anyway.
+_PRINTABLE = re.compile(r"[^\x20-\x7e]+")
+MAX_COMMAND_CHARS = 200
+
+
 def command_from_action(action: Any) -> str:
     """The command a policy's text stands for: its first non-empty line, stripped (and without
-    a leading "> ", the prompt that demos put before actions)."""
+    a leading "> ", the prompt that demos put before actions), printable ASCII only."""
     text = action if isinstance(action, str) else str(action)
     for line in text.splitlines():
-        command = line.strip().lstrip(">").strip()
+        command = _PRINTABLE.sub(" ", line).strip().lstrip(">").strip()
         if command:
-            return command
+            return command[:MAX_COMMAND_CHARS]
     return ""
 
 
