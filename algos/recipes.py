@@ -135,10 +135,14 @@ def train(exp: Experiment, resume: bool = False) -> dict:
     if exp.rl is None:
         return sft(exp, resume=resume)
     init = sft_policy_folder(exp)
+    before = None
     if not _sft_finished(init, exp.sft.steps):
         print(f"no finished SFT policy in {init}: running the recipe's SFT stage there first")
-        sft(exp.model_copy(update={"out_dir": str(init)}), resume=True)
-    return train_rl(exp, init, resume=resume)
+        summary = sft(exp.model_copy(update={"out_dir": str(init)}), resume=True)
+        # The SFT stage just played the same held-out tasks greedily: that is the RL start.
+        if exp.eval.num_tasks is None and exp.rl.eval_tasks >= summary["tasks"] and not exp.eval.problems_file:
+            before = summary
+    return train_rl(exp, init, resume=resume, before=before)
 
 
 def _sft_finished(folder: Path, steps: int) -> bool:

@@ -52,10 +52,11 @@ def evaluate_pool(pool: RolloutPool, tasks: list[dict], seed: int) -> tuple[dict
 
 
 def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
-             stop_after: int | None = None) -> dict:
+             stop_after: int | None = None, before: dict | None = None) -> dict:
     """Run the RL stage of `exp` from the policy in `init_from`; returns the before/after evals.
 
     stop_after: end after this many iterations of this call (a simulated kill, for tests).
+    before: the start policy's held-out summary when the caller already has it (skips that eval).
     """
     from algos.recipes import heldout_tasks  # recipes imports this module
 
@@ -86,11 +87,12 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
             pool.update_weights(learner.policy_state_dict())
         source = envs.make_tasks(exp.env.name, **exp.env_options())
         split, eval_tasks = heldout_tasks(exp, limit=cfg.eval_tasks)
-        before = state.get("before")
+        before = state.get("before", before)
         if before is None:
             before, _ = evaluate_pool(pool, eval_tasks, seed=episode_seed(exp.seed, "eval", 0))
-            log.log(0, before, prefix="eval/")
             tqdm.write(f"before RL: held-out success {before['accuracy']:.1%} on {before['tasks']} tasks")
+        if start == 0:
+            log.log(0, {k: v for k, v in before.items() if isinstance(v, (int, float))}, prefix="eval/")
 
         end = cfg.iterations if stop_after is None else min(cfg.iterations, start + stop_after)
         bar = tqdm(range(start, end), desc=f"rl/{cfg.algo}", initial=start, total=cfg.iterations,
