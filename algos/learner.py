@@ -26,8 +26,8 @@ from algos.config import Experiment
 from algos.losses import (
     clipped_policy_loss,
     clipped_value_loss,
-    entropy,
     kl_penalty,
+    logprobs_and_entropy,
     masked_mean,
     tis_weight,
     token_logprobs,
@@ -233,7 +233,7 @@ class Learner:
         ids, logits, values, t = self._forward(batch, rows, grad=True)
         sl = (rows, slice(0, t - 1))
         mask = batch.mask[sl].to(self.device)
-        logp = token_logprobs(logits, ids[:, 1:])
+        logp, ent = logprobs_and_entropy(logits, ids[:, 1:], entropy_grad=cfg.entropy_coef > 0)
         pg_loss, clipfrac = clipped_policy_loss(logp, old_logp[sl].to(self.device), adv[sl].to(self.device), mask,
                                                 cfg.clip_eps, is_w[sl].to(self.device))
         loss = pg_loss
@@ -249,13 +249,10 @@ class Learner:
             kl = masked_mean(kl_penalty(logp, ref_logp[sl].to(self.device), cfg.kl_estimator), mask)
             loss = loss + cfg.kl_coef * kl
             stats["kl_ref"] = kl.item()
+        ent = masked_mean(ent, mask)
         if cfg.entropy_coef > 0:
-            ent = masked_mean(entropy(logits), mask)
             loss = loss - cfg.entropy_coef * ent
-            stats["entropy"] = ent.item()
-        else:
-            with torch.no_grad():
-                stats["entropy"] = float(masked_mean(entropy(logits.detach()), mask))
+        stats["entropy"] = ent.item()
         self.engine.backward(loss * weight)
         self.engine.step()
         return stats

@@ -25,10 +25,15 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """[B, T, V] -> [B, T]."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                         entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π(target), H) [B, T] from one log-softmax of logits [B, T, V]; the entropy carries
+    gradients only when it is part of the loss."""
+    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, ent
 
 
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,

@@ -107,6 +107,17 @@ class GrowingCache(Cache):
         super().__init__(layers=[_GrowingLayer(capacity) for _ in range(num_layers)])
 
 
+def check_request(prompts: Sequence[Sequence[int]], sessions: Sequence[Hashable] | None) -> None:
+    """What every backend's generate requires of its arguments."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (a BOS token at least)")
+    if sessions is not None:
+        if len(sessions) != len(prompts):
+            raise ValueError(f"got {len(sessions)} sessions for {len(prompts)} prompts")
+        if len(set(sessions)) != len(sessions):
+            raise ValueError("session keys must be distinct within one generate call")
+
+
 class InferenceEngine(Protocol):
     def generate(
         self,
@@ -452,13 +463,7 @@ class TorchEngine:
         KV of each conversation: the stored ids of a session that are a prefix of its new prompt are
         not run again, and after the call the session holds prompt + completion (all but the last
         sampled token, which was never fed)."""
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token (a BOS token at least)")
-        if sessions is not None:
-            if len(sessions) != len(prompts):
-                raise ValueError(f"got {len(sessions)} sessions for {len(prompts)} prompts")
-            if len(set(sessions)) != len(sessions):
-                raise ValueError("session keys must be distinct within one generate call")
+        check_request(prompts, sessions)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)

