@@ -2,7 +2,10 @@
 
     update(trajectories):
         1. one no-grad pass: log π_old (the learner's own log-probs before the update), the critic's
-           values V_old (PPO) and log π_ref (when kl_coef > 0)
+           values V_old (PPO) and log π_ref (when kl_coef > 0). Skipped when the update is exactly
+           on-policy (GRPO/RLOO, one epoch, one mini-batch: no optimizer step happens before the
+           last forward, so π_old is the gradient pass's own log-probs, detached; π_ref is then
+           computed next to each micro-batch)
         2. advantages (algos/advantages.py): GAE for PPO, group baselines for GRPO / RLOO
         3. `epochs` passes of shuffled mini-batches (`minibatch_size` episodes per optimizer step,
            `micro_batch_size` per forward; DeepSpeed accumulates), losses from algos/losses.py
@@ -109,6 +112,9 @@ class Learner:
         self.grad_accum = math.ceil(self.cfg.minibatch_size / self.cfg.micro_batch_size)
         self.engine = init_deepspeed(module, optimizer, scheduler, exp.runtime, self.cfg.micro_batch_size,
                                      self.grad_accum, self.cfg.grad_clip)
+        # Skip the no-grad π_old pass when it cannot differ from the gradient pass (see the module
+        # docstring); False forces the pass (tests compare both).
+        self.fast_on_policy = True
 
     @property
     def policy(self) -> nn.Module:
@@ -156,11 +162,20 @@ class Learner:
             if v is not None:
                 values[rows, : t - 1] = v.cpu()
             if self.reference is not None:
-                with self._autocast():
-                    ref_logits = self.reference(input_ids=ids, attention_mask=batch.attention_mask[rows, :t].to(
-                        self.device)).logits[:, :-1]
-                ref_logp[rows, : t - 1] = token_logprobs(ref_logits, ids[:, 1:]).cpu()
+                ref_logp[rows, : t - 1] = self._ref_logp(batch, rows, ids, t)
         return old_logp, ref_logp, values
+
+    @torch.no_grad()
+    def _ref_logp(self, batch: Batch, rows: torch.Tensor, ids: torch.Tensor, t: int) -> torch.Tensor:
+        with self._autocast():
+            ref_logits = self.reference(input_ids=ids, attention_mask=batch.attention_mask[rows, :t].to(
+                self.device)).logits[:, :-1]
+        return token_logprobs(ref_logits, ids[:, 1:]).cpu()
+
+    def on_policy(self, n_episodes: int) -> bool:
+        """True when this update takes exactly one optimizer step with no critic: π_old = π_θ."""
+        cfg = self.cfg
+        return self.fast_on_policy and cfg.algo != "ppo" and cfg.epochs == 1 and n_episodes <= cfg.minibatch_size
 
     def advantages(self, batch: Batch, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(advantages, value targets) [E, T-1], zero off the policy's tokens."""
@@ -191,10 +206,15 @@ class Learner:
         cfg = self.cfg
         t0 = time.perf_counter()
         batch = Batch.from_trajectories(trajs, self.pad_id)
-        self.engine.eval()
-        old_logp, ref_logp, old_values = self._old_pass(batch)
+        fast = self.on_policy(batch.mask.shape[0])
+        if fast:  # π_old, π_ref and the TIS weights are filled in by each micro-step
+            old_logp, ref_logp, old_values = (torch.zeros_like(batch.mask) for _ in range(3))
+            is_w = torch.ones_like(batch.mask)
+        else:
+            self.engine.eval()
+            old_logp, ref_logp, old_values = self._old_pass(batch)
+            is_w = tis_weight(old_logp, batch.behaviour_logp, cfg.tis_cap)
         adv, ret = self.advantages(batch, old_values)
-        is_w = tis_weight(old_logp, batch.behaviour_logp, cfg.tis_cap)
         self.engine.train()
 
         sums: dict[str, float] = {}
@@ -211,7 +231,8 @@ class Learner:
                         rows, weight = mb[:1], 0.0
                     else:
                         weight = 1.0
-                    stats = self._micro_step(batch, rows, old_logp, ref_logp, old_values, adv, ret, is_w, weight)
+                    stats = self._micro_step(batch, rows, old_logp, ref_logp, old_values, adv, ret, is_w, weight,
+                                             fast)
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
                     n_micro += 1
@@ -223,17 +244,24 @@ class Learner:
             "adv_mean": float(adv[on].mean()) if on.any() else 0.0,
             "adv_std": float(adv[on].std()) if on.sum() > 1 else 0.0,
             "lr": self.engine.get_lr()[0],
+            "old_pass": 0.0 if fast else 1.0,
             "update_s": time.perf_counter() - t0,
             "train_tokens": float(batch.attention_mask.sum()) * cfg.epochs,
         })
         return metrics
 
-    def _micro_step(self, batch, rows, old_logp, ref_logp, old_values, adv, ret, is_w, weight) -> dict[str, float]:
+    def _micro_step(self, batch, rows, old_logp, ref_logp, old_values, adv, ret, is_w, weight,
+                    fast: bool) -> dict[str, float]:
         cfg = self.cfg
         ids, logits, values, t = self._forward(batch, rows, grad=True)
         sl = (rows, slice(0, t - 1))
         mask = batch.mask[sl].to(self.device)
         logp, ent = logprobs_and_entropy(logits, ids[:, 1:], entropy_grad=cfg.entropy_coef > 0)
+        if fast:  # on-policy: π_old is this very forward (ratio 1, gradient of ρ = ∇ log π)
+            old_logp[sl] = logp.detach().cpu()
+            is_w[sl] = tis_weight(old_logp[sl], batch.behaviour_logp[sl], cfg.tis_cap)
+            if self.reference is not None:
+                ref_logp[sl] = self._ref_logp(batch, rows, ids, t)
         pg_loss, clipfrac = clipped_policy_loss(logp, old_logp[sl].to(self.device), adv[sl].to(self.device), mask,
                                                 cfg.clip_eps, is_w[sl].to(self.device))
         loss = pg_loss

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -112,7 +113,10 @@ class RolloutPool:
         init_ray(ray_cfg or RayConfig())
         actor_cls = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(RolloutWorker)
         self.local = None
-        self.actors = [actor_cls.remote(spec, cfg, threads) for _ in range(cfg.num_workers)]
+        self._new_actor = lambda: actor_cls.remote(spec, cfg, threads)
+        self._weights_ref = None  # the last weights pushed: a replacement actor loads them
+        self.restarts = 0
+        self.actors = [self._new_actor() for _ in range(cfg.num_workers)]
         ray.get([a.ping.remote() for a in self.actors])  # surface construction errors here
 
     @property
@@ -132,7 +136,13 @@ class RolloutPool:
         trajs: list[Trajectory] = []
         stats: dict[str, float] = {}
         for j, ref in calls:
-            part, part_stats = ray.get(ref)
+            try:
+                part, part_stats = ray.get(ref)
+            except ray.exceptions.ActorDiedError as e:
+                # A worker process died (an env's native code can take it down). Replace it, give
+                # it the current weights and replay its share once; a second death is an error.
+                part, part_stats = self._replay_on_new_actor(j, e, list(tasks[bounds[j]:bounds[j + 1]]),
+                                                             group_size, seed * 1000 + j, temperature)
             for tr in part:
                 tr.group += bounds[j]  # group ids are per call: make them global
             trajs += part
@@ -140,6 +150,18 @@ class RolloutPool:
                 # Phases run in parallel across workers: time is the slowest worker's, counts add up.
                 stats[key] = max(stats.get(key, 0.0), v) if key.endswith("_s") else stats.get(key, 0) + v
         return trajs, stats
+
+    def _replay_on_new_actor(self, j: int, err: Exception, tasks: list[dict], group_size: int, seed: int,
+                             temperature: float | None):
+        import ray
+
+        warnings.warn(f"rollout worker {j} died ({str(err).splitlines()[0][:200]}); replacing it and "
+                      f"replaying its {len(tasks)} tasks", RuntimeWarning, stacklevel=3)
+        self.restarts += 1
+        self.actors[j] = actor = self._new_actor()
+        if self._weights_ref is not None:
+            ray.get(actor.update_weights.remote(self._weights_ref))
+        return ray.get(actor.play.remote(tasks, group_size, seed, temperature))
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> float:
         """Push new policy weights to every worker; returns the wall seconds it took."""
@@ -149,8 +171,8 @@ class RolloutPool:
         else:
             import ray
 
-            ref = ray.put(dict(state_dict))  # one copy in the object store, read by every actor
-            ray.get([a.update_weights.remote(ref) for a in self.actors])
+            self._weights_ref = ray.put(dict(state_dict))  # one copy in the object store, read by every actor
+            ray.get([a.update_weights.remote(self._weights_ref) for a in self.actors])
         return time.perf_counter() - t0
 
     def shutdown(self) -> None:

@@ -2,6 +2,9 @@
 infra errors, Ray round trip and exact resume."""
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 from rl_helpers import GOOD, rl_experiment, tiny_policy, tiny_tokenizer
@@ -152,6 +155,31 @@ def test_each_algorithm_raises_mean_reward(tmp_path, algo, density):
     assert end > start + 0.3, (algo, rewards)
 
 
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_on_policy_update_without_the_old_pass_equals_the_update_with_it(tmp_path, algo):
+    # One epoch, one mini-batch: the learner skips the no-grad π_old pass (π_old = the gradient
+    # pass, detached). The update must be the same as with the pass, KL and TIS terms included.
+    tok = tiny_tokenizer()
+    engine = TorchEngine(tiny_policy(tok), tok.pad_token_id)
+    trajs, _ = _runner(engine, "dense").play([{"id": f"t{i}"} for i in range(4)], group_size=4, seed=3)
+    updated = []
+    for fast in (True, False):
+        exp = rl_experiment(tmp_path, algo=algo, epochs=1, minibatch_size=16, micro_batch_size=8,
+                            kl_coef=0.1, tis_cap=2.0, lr=1e-2)
+        learner = Learner(exp, tiny_policy(tok), tok.pad_token_id)
+        learner.fast_on_policy = fast
+        assert learner.on_policy(len(trajs)) == fast
+        metrics = learner.update(trajs, seed=0)
+        assert metrics["old_pass"] == (0.0 if fast else 1.0)
+        updated.append((learner.policy_state_dict(), metrics))
+    (fast_w, fast_m), (slow_w, slow_m) = updated
+    assert any((fast_w[k] != tiny_policy(tok).state_dict()[k]).any() for k in fast_w)  # it did move
+    for k in fast_w:
+        torch.testing.assert_close(fast_w[k], slow_w[k], rtol=1e-5, atol=1e-6, msg=k)
+    for k in ("policy_loss", "kl_ref", "tis_weight", "logp_gap"):
+        assert fast_m[k] == pytest.approx(slow_m[k], rel=1e-4, abs=1e-6), k
+
+
 def test_good_letters_are_rare_for_a_random_policy():
     # the learning test above is meaningful only if the start policy rarely succeeds
     tok = tiny_tokenizer()
@@ -198,6 +226,14 @@ def test_ray_worker_round_trip_matches_in_process_play(tmp_path):
         a2, _ = play(local)
         b2, _ = play(remote)
         assert a2 == b2 and a2 != a
+        # a worker process that dies (e.g. an env's native code segfaults) is replaced, gets the
+        # current weights and replays its share: the result is what the live worker would return
+        import ray
+
+        os.kill(ray.get(remote.actors[0].ping.remote()), signal.SIGKILL)
+        with pytest.warns(RuntimeWarning, match="rollout worker 0 died"):
+            b3, _ = play(remote)
+        assert b3 == a2 and remote.restarts == 1
     finally:
         local.shutdown()
         remote.shutdown()

@@ -174,12 +174,16 @@ def test_unknown_command_gets_the_games_reply_and_the_episode_goes_on(source):
 
 
 def test_policy_garbage_with_control_bytes_is_played_safely(source):
-    # Raw policy text once crashed the interpreter (and the whole process) on a control byte.
+    # Raw policy text once crashed the interpreter (and the whole process) on a control byte,
+    # and a leading backslash is an interpreter escape ("\q", "\x" end the process).
     env = envs.make("textworld", complexity=COMPLEXITY)
     task = source.tasks("train")[0]
-    _, _, steps = play(env, task, ["m cre over up today\x14ink into\ufffd\ufffd", "\x01\x02", "x" * 5000])
+    garbage = ["m cre over up today\x14ink into\ufffd\ufffd", "\x01\x02", "\\x", "\\q", "\\help", "x" * 5000,
+               "look"]
+    _, _, steps = play(env, task, garbage)
     assert all(not s[4]["infra_error"] and not s[2] for s in steps)
-    assert [s[4]["command"] for s in steps][:2] == ["m cre over up today ink into", ""]
+    assert [s[4]["command"] for s in steps][:5] == ["m cre over up today ink into", "", "x", "q", "help"]
+    assert steps[-1][0].startswith("-= ")  # the game still answers: the room's description
 
 
 def test_max_turns_truncates_then_step_raises(source):

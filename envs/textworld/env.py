@@ -63,8 +63,9 @@ def clean_text(text: str | None) -> str:
 
 
 # The Z-machine interpreter crashes the whole process on some control characters (a policy's
-# raw bytes included), and parses only printable ASCII anyway.
-_PRINTABLE = re.compile(r"[^\x20-\x7e]+")
+# raw bytes included), and parses only printable ASCII anyway. A backslash starts one of the
+# interpreter's own escape commands ("\q", "\x", "\help": the process exits), so it goes too.
+_PRINTABLE = re.compile(r"[^\x20-\x5b\x5d-\x7e]+")
 MAX_COMMAND_CHARS = 200
 
 
