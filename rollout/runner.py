@@ -71,16 +71,20 @@ class EpisodeRunner:
                  max_episode_tokens: int):
         self.engine, self.tokenizer, self.env_factory, self.fmt, self.cfg = engine, tokenizer, env_factory, fmt, cfg
         self.max_episode_tokens = min(cfg.max_episode_tokens or max_episode_tokens, max_episode_tokens)
-        self.stop_ids = tuple(self._single_token(t) for t in fmt.stop_texts) + (tokenizer.eos_token_id,)
+        self.stop_ids = tuple(sorted({i for t in fmt.stop_texts for i in self._stop_tokens(t)})) + (
+            tokenizer.eos_token_id,)
         self.envs: list[Any] = []
         self._pool = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="env")
         self._sessions = 0
 
-    def _single_token(self, text: str) -> int:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) != 1:
-            raise ValueError(f"stop text {text!r} is {len(ids)} tokens under this tokenizer; it must be one")
-        return ids[0]
+    def _stop_tokens(self, text: str) -> list[int]:
+        """Every token whose text contains the stop text: under phrase-level BPE a line ends in
+        tokens like "]\n" as well as in a bare "\n"."""
+        vocab = sorted(self.tokenizer.get_vocab().values())
+        ids = [i for i, piece in zip(vocab, self.tokenizer.batch_decode([[i] for i in vocab])) if text in piece]
+        if not ids:
+            raise ValueError(f"no token of this tokenizer contains the stop text {text!r}")
+        return ids
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from agents.formats import format_for
 from agents.tokenizer import TokenizerConfig, train_tokenizer
 from algos import recipes
 from algos.checkpoint import COMPLETE, CheckpointError, latest_checkpoint, load_policy
@@ -35,6 +36,27 @@ def test_tokenizer_is_trained_here_and_round_trips(tmp_path):
     assert again.encode(texts[0]) == tok.encode(texts[0]) and again.eos_token == "<eos>"
 
 
+def test_phrase_tokens_never_cross_a_line_and_end_a_turn_for_the_runner():
+    from envs.countdown.search import dfs_stream
+    from rollout.runner import EpisodeRunner, RolloutConfig
+
+    streams = [dfs_stream([a, b, c], t) for a, b, c, t in [(2, 10, 8, 36), (4, 9, 10, 86), (3, 7, 5, 22)]] * 30
+    phrase = train_tokenizer(streams, TokenizerConfig(vocab_size=400))
+    words = train_tokenizer(streams, TokenizerConfig(vocab_size=400, merge_phrases=False))
+    line = "Exploring Operation: 2*10=20, Resulting Numbers: [8, 20]\n"
+    assert phrase.tokenize(line)[0] == phrase.tokenize("Exploring Operation: ")[0]  # one token
+    assert len(phrase.encode(streams[0])) < 0.75 * len(words.encode(streams[0]))
+    pieces = [phrase.decode([i]) for i in phrase.encode("".join(streams[:3]), add_special_tokens=False)]
+    assert all("\n" not in p[:-1] for p in pieces)  # a newline only ever ends a token
+    # the line's last token carries its newline: the runner must stop on it, not only on "\n"
+    last = phrase.encode(line, add_special_tokens=False)[-1]
+    assert phrase.decode([last]) != "\n" and phrase.decode([last]).endswith("\n")
+    runner = EpisodeRunner(None, phrase, lambda: None, format_for("countdown_search"),
+                           RolloutConfig(num_workers=0), 64)
+    assert last in runner.stop_ids and phrase.eos_token_id in runner.stop_ids
+    runner.close()
+
+
 def test_loss_mask_covers_only_the_completion(tiny_recipe):
     exp, tok, examples, _ = _setup(tiny_recipe)
     e = examples[0]
@@ -49,7 +71,7 @@ def test_loss_mask_covers_only_the_completion(tiny_recipe):
 
 
 def test_sft_lowers_the_loss(tiny_recipe):
-    exp, tok, examples, run_dir = _setup(tiny_recipe, "sft.steps=30", "sft.save_every=30", "sft.log_every=5")
+    exp, tok, examples, run_dir = _setup(tiny_recipe, "sft.steps=50", "sft.save_every=50", "sft.log_every=5")
     train_sft(exp, examples, tok, run_dir, progress=False)
     losses = [row["sft/loss"] for row in map(json.loads, open(run_dir / "metrics.jsonl"))]
     assert losses[-1] < 0.6 * losses[0]
