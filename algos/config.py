@@ -107,6 +107,10 @@ class RLConfig(_Section):
         "If it holds no policy yet, `train` runs the recipe's SFT stage there first.")
     iterations: int = Field(50, ge=1)
     tasks_per_iter: int = Field(16, ge=1, description="distinct train tasks per iteration")
+    skip_sft_tasks: bool = Field(
+        False, description="draw RL tasks only from train tasks past the first sft.demos.num_examples, the "
+        "ones SFT imitated (a finite train split such as TextWorld's games; Countdown draws fresh problems "
+        "anyway): a policy that has memorised its demos' games learns nothing from replaying them")
     group_size: int = Field(8, ge=1, description="episodes per task (GRPO/RLOO baselines need ≥ 2)")
     epochs: int = Field(1, ge=1, description="passes over each collected batch")
     minibatch_size: int = Field(64, ge=1, description="episodes per optimizer step")
@@ -123,6 +127,9 @@ class RLConfig(_Section):
     vf_coef: float = Field(0.5, ge=0)
     normalize_advantages: bool = Field(True, description="PPO: whiten advantages over the batch")
     std_normalize: bool = Field(True, description="GRPO: divide by the group's return std")
+    loss_aggregation: Literal["token", "episode"] = Field(
+        "token", description="average per-token losses over all policy tokens of a micro-batch (token) or "
+        "per episode, then over episodes (episode: a long failed episode weighs no more than a short win)")
     kl_coef: float = Field(0.0, ge=0, description="KL to the frozen start policy; 0 frees the reference")
     kl_estimator: Literal["k1", "k3"] = "k3"
     entropy_coef: float = Field(0.0, ge=0)

@@ -31,6 +31,7 @@ from algos.losses import (
     clipped_value_loss,
     kl_penalty,
     logprobs_and_entropy,
+    loss_weights,
     masked_mean,
     tis_weight,
     token_logprobs,
@@ -255,29 +256,29 @@ class Learner:
         cfg = self.cfg
         ids, logits, values, t = self._forward(batch, rows, grad=True)
         sl = (rows, slice(0, t - 1))
-        mask = batch.mask[sl].to(self.device)
+        token_w = loss_weights(batch.mask[sl].to(self.device), cfg.loss_aggregation)  # [B, T-1], sums to 1
         logp, ent = logprobs_and_entropy(logits, ids[:, 1:], entropy_grad=cfg.entropy_coef > 0)
         if fast:  # on-policy: π_old is this very forward (ratio 1, gradient of ρ = ∇ log π)
             old_logp[sl] = logp.detach().cpu()
             is_w[sl] = tis_weight(old_logp[sl], batch.behaviour_logp[sl], cfg.tis_cap)
             if self.reference is not None:
                 ref_logp[sl] = self._ref_logp(batch, rows, ids, t)
-        pg_loss, clipfrac = clipped_policy_loss(logp, old_logp[sl].to(self.device), adv[sl].to(self.device), mask,
+        pg_loss, clipfrac = clipped_policy_loss(logp, old_logp[sl].to(self.device), adv[sl].to(self.device), token_w,
                                                 cfg.clip_eps, is_w[sl].to(self.device))
         loss = pg_loss
         stats = {"policy_loss": pg_loss.item(), "clip_frac": clipfrac.item()}
         if values is not None:
-            v_loss = clipped_value_loss(values, old_values[sl].to(self.device), ret[sl].to(self.device), mask,
+            v_loss = clipped_value_loss(values, old_values[sl].to(self.device), ret[sl].to(self.device), token_w,
                                         cfg.value_clip)
             loss = loss + cfg.vf_coef * v_loss
             stats["value_loss"] = v_loss.item()
         with torch.no_grad():
-            stats["kl_old"] = float(masked_mean(old_logp[sl].to(self.device) - logp, mask))
+            stats["kl_old"] = float(masked_mean(old_logp[sl].to(self.device) - logp, token_w))
         if self.reference is not None:
-            kl = masked_mean(kl_penalty(logp, ref_logp[sl].to(self.device), cfg.kl_estimator), mask)
+            kl = masked_mean(kl_penalty(logp, ref_logp[sl].to(self.device), cfg.kl_estimator), token_w)
             loss = loss + cfg.kl_coef * kl
             stats["kl_ref"] = kl.item()
-        ent = masked_mean(ent, mask)
+        ent = masked_mean(ent, token_w)
         if cfg.entropy_coef > 0:
             loss = loss - cfg.entropy_coef * ent
         stats["entropy"] = ent.item()

@@ -17,7 +17,24 @@ import torch
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    """Σ x·mask / Σ mask: a 0/1 mask gives the mean over its tokens, `loss_weights` a weighted one."""
+    return (x * mask).sum() / mask.sum().clamp(min=1e-12)
+
+
+def loss_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Per-token weights [B, T] summing to 1 that turn per-token terms into the loss.
+
+    token    every policy token of the micro-batch weighs the same: a long episode counts more
+    episode  each episode's tokens share 1 / (episodes): the mean over its tokens, then over
+             episodes, so a long failed search weighs no more than a short win
+    """
+    if aggregation == "token":
+        return mask / mask.sum().clamp(min=1)
+    if aggregation == "episode":
+        per_episode = mask.sum(-1, keepdim=True)
+        episodes = (per_episode > 0).sum().clamp(min=1)
+        return mask / per_episode.clamp(min=1) / episodes
+    raise ValueError(f"unknown loss aggregation {aggregation!r}; use 'token' or 'episode'")
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

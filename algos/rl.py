@@ -100,7 +100,8 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
         last = before
         for it in bar:
             t0 = time.perf_counter()
-            tasks = source.sample_tasks("train", cfg.tasks_per_iter, random.Random(episode_seed(exp.seed, "tasks", it)))
+            tasks = source.sample_tasks("train", cfg.tasks_per_iter, random.Random(episode_seed(exp.seed, "tasks", it)),
+                                        skip=exp.sft.demos.num_examples if cfg.skip_sft_tasks else 0)
             trajs, stats = pool.play(tasks, cfg.group_size, seed=episode_seed(exp.seed, "play", it))
             collect_s = time.perf_counter() - t0
             metrics = rollout_metrics(trajs, stats)

@@ -8,13 +8,14 @@ rest), AdamW, grad-clip 1.0, no KL term, one epoch. Nothing is generated: the co
 before the clock starts, so only the update is timed.
 
   * Turnstile: `Learner.update(trajectories)` (GRPO) on a DeepSpeed engine (gloo, one process, a torch
-    AdamW: no native-op build). Timed: the whole `update` call = batch tensors + a no-grad pass for
-    log pi_old + advantages + forward/backward of every micro-batch + the optimizer step.
+    AdamW: no native-op build). Timed: the whole `update` call = batch tensors + advantages +
+    forward/backward of every micro-batch + the optimizer step. One epoch and one mini-batch make the
+    update exactly on-policy, so the learner skips its no-grad pass for log pi_old (as TRL does).
   * TRL: `GRPOTrainer.train()` with a `rollout_func` that returns the pre-made completions. Timed: from
     the trainer's `on_step_begin` to its `on_step_end` (TRL's scoring: padding, rewards, group advantages;
     forward/backward of every micro-batch; grad clip; the optimizer step), minus the time spent inside
     `rollout_func` (a dictionary look-up). With one iteration per batch TRL skips the no-grad old-logprob
-    pass (the ratio is exactly 1 on-policy), so it does ~3/4 of Turnstile's FLOPs per token. GRPOConfig
+    pass too (the ratio is exactly 1 on-policy): both do the same FLOPs per token. GRPOConfig
     turns gradient checkpointing on by default: row "trl" turns it off (as Turnstile, the matched
     comparison and the one `speedup` divides by), row "trl-gc" keeps TRL's default.
 
@@ -51,7 +52,7 @@ MODELS = {
 RESULT = "LEARNER_BENCH_RESULT "
 # name: (table label, forward-pass equivalents of compute per token per step)
 FRAMEWORKS = {
-    "turnstile": ("Turnstile Learner (DeepSpeed)", 4),  # fwd + bwd (2x) + the no-grad old-logprob pass
+    "turnstile": ("Turnstile Learner (DeepSpeed)", 3),  # fwd + bwd (2x); on-policy: no old-logprob pass
     "trl": ("TRL {trl}GRPOTrainer", 3),  # fwd + bwd; on-policy TRL reuses the fwd as the old log-probs
     "trl-gc": ("TRL {trl}GRPOTrainer, grad ckpt", 4),  # + the forward recomputed in the backward
 }
@@ -372,8 +373,8 @@ def main() -> None:
           f", {args.threads} threads, {time.strftime('%Y-%m-%d', time.gmtime())}; precision {args.precision}; "
           f"P x G = {args.prompts} x {args.group}, Lp {args.prompt_len}, Lc {args.completion_len}, "
           f"micro-batch {args.micro_batch}; s/step = fastest of the timed steps after {args.warmup} warm-up")
-    print(f"peak = {peak_key} matmul {peak[peak_key]:.1f} GFLOP/s; GFLOP/s counts the forward FLOPs per token x 4 "
-          "for Turnstile (fwd+bwd + old-logprob pass), x 3 for TRL (fwd+bwd; no old-logprob pass on-policy), x 4 "
+    print(f"peak = {peak_key} matmul {peak[peak_key]:.1f} GFLOP/s; GFLOP/s counts the forward FLOPs per token x 3 "
+          "for Turnstile and TRL (fwd+bwd; on-policy, neither runs an old-logprob pass), x 4 "
           "for TRL-gc (+ the forward recomputed by gradient checkpointing); speedup = tokens/s / TRL's (no gc)")
     header = (f"| {'model':<14} | {'params':>7} | {'framework':<33} | {'seqs/step':>9} | {'tokens/step':>11} "
               f"| {'s/step':>7} | {'tokens/s':>8} | {'GFLOP/s':>7} | {'% of peak':>9} | {'speedup vs TRL':>14} |")

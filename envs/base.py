@@ -114,13 +114,15 @@ class TaskSource(abc.ABC):
     def heldout_splits(self) -> list[str]:
         return [s for s in self.splits() if s != TRAIN_SPLIT]
 
-    def sample_tasks(self, split: str, n: int, rng: random.Random) -> list[dict]:
-        """n tasks of `split` drawn with replacement by `rng` (RL's per-iteration task batch)."""
+    def sample_tasks(self, split: str, n: int, rng: random.Random, skip: int = 0) -> list[dict]:
+        """n tasks of `split` drawn with replacement by `rng` (RL's per-iteration task batch),
+        never one of its first `skip` tasks."""
         if not hasattr(self, "_sample_pool"):
             self._sample_pool: dict[str, list[dict]] = {}
-        pool = self._sample_pool.setdefault(split, self.tasks(split))
+        pool = self._sample_pool.setdefault(split, self.tasks(split))[skip:]
         if not pool:
-            raise ValueError(f"split {split!r} has no tasks to sample")
+            raise ValueError(f"split {split!r} has no tasks to sample past its first {skip} "
+                             f"(it holds {len(self._sample_pool[split])})")
         return [pool[rng.randrange(len(pool))] for _ in range(n)]
 
     def task_key(self, task: dict) -> Any:

@@ -24,8 +24,9 @@ def test_gen_data_sft_eval_end_to_end(tiny_recipe, tmp_path, capsys):
     problems = tmp_path / "mine.jsonl"
     problems.write_text('{"numbers": [3, 4, 5], "target": 27}\n{"numbers": [2, 9, 9], "target": 11}\n')
     assert launch.main(["eval", str(tiny_recipe), "--checkpoint", str(tmp_path / "run"),
-                        "--problems-file", str(problems)]) == 0
+                        "--problems-file", str(problems), "eval.max_new_tokens=5"]) == 0  # overrides after options
     mine = json.loads((tmp_path / "run" / "eval" / "mine.json").read_text())
+    assert mine["summary"]["mean_tokens"] <= 5
     assert [r["task"]["target"] for r in mine["records"]] == [27, 11]
 
 

@@ -52,6 +52,18 @@ def test_group_baselines_grpo_and_rloo_by_hand():
     assert torch.allclose(returns - b, torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3, 0.0, 0.0]))
 
 
+def test_loss_weights_token_and_episode_by_hand():
+    from algos.losses import loss_weights, masked_mean
+
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    x = torch.tensor([[1.0, 2.0, 3.0, 99.0], [99.0, 10.0, 99.0, 99.0]])
+    token, episode = loss_weights(mask, "token"), loss_weights(mask, "episode")
+    assert torch.allclose(token, mask / 4) and float(masked_mean(x, token)) == pytest.approx(16 / 4)
+    assert torch.allclose(episode, torch.tensor([[1 / 6, 1 / 6, 1 / 6, 0], [0, 1 / 2, 0, 0]]))
+    assert float(masked_mean(x, episode)) == pytest.approx((2.0 + 10.0) / 2)  # mean of episode means
+    assert float(masked_mean(x, mask)) == pytest.approx(16 / 4)  # a 0/1 mask: the plain token mean
+
+
 def test_returns_to_go():
     assert torch.allclose(returns_to_go(torch.tensor([0.25, 0.0, 0.5]), 0.5), torch.tensor([0.375, 0.25, 0.5]))
 
@@ -134,11 +146,12 @@ def test_learner_drops_nothing_it_is_given_and_skips_empty():
 # -- learning: each algorithm raises the toy task's reward --------------------------------------
 
 
-@pytest.mark.parametrize("algo,density", [("grpo", "sparse"), ("rloo", "sparse"), ("ppo", "dense")])
-def test_each_algorithm_raises_mean_reward(tmp_path, algo, density):
+@pytest.mark.parametrize("algo,density,aggregation", [("grpo", "sparse", "token"), ("rloo", "sparse", "token"),
+                                                       ("ppo", "dense", "token"), ("grpo", "dense", "episode")])
+def test_each_algorithm_raises_mean_reward(tmp_path, algo, density, aggregation):
     tok = tiny_tokenizer()
     policy = tiny_policy(tok)
-    exp = rl_experiment(tmp_path, algo=algo, group_size=8, lr=1e-2)
+    exp = rl_experiment(tmp_path, algo=algo, group_size=8, lr=1e-2, loss_aggregation=aggregation)
     exp.reward.density = density
     learner = Learner(exp, policy, tok.pad_token_id)
     engine = TorchEngine(tiny_policy(tok), tok.pad_token_id)
@@ -266,3 +279,33 @@ def test_rl_loop_resume_equals_uninterrupted_run(tmp_path):
 
     rows = [json.loads(x) for x in (tmp_path / "cut" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sorted(r["step"] for r in rows if "train/reward" in r) == [1, 2, 3, 4]
+
+
+def test_rl_tasks_can_skip_the_games_sft_imitated(tmp_path, monkeypatch):
+    import random
+
+    from algos.rl import train_rl
+    from envs.base import TaskSource
+
+    source = envs.make_tasks("toy_two_turn")  # 4 train tasks
+    train = source.tasks("train")
+    drawn = source.sample_tasks("train", 200, random.Random(0), skip=3)
+    assert {t["id"] for t in drawn} == {train[3]["id"]}
+    assert len({t["id"] for t in source.sample_tasks("train", 200, random.Random(0))}) == 4
+    with pytest.raises(ValueError, match="past its first 4"):
+        source.sample_tasks("train", 1, random.Random(0), skip=4)
+    # the loop draws past sft.demos.num_examples when rl.skip_sft_tasks is on
+    drawn_ids = []
+    original = TaskSource.sample_tasks
+
+    def spy(self, split, n, rng, skip=0):
+        tasks = original(self, split, n, rng, skip)
+        drawn_ids.extend(t["id"] for t in tasks)
+        return tasks
+
+    monkeypatch.setattr(TaskSource, "sample_tasks", spy)
+    exp = rl_experiment(tmp_path, skip_sft_tasks=True, iterations=2, tasks_per_iter=8, group_size=2,
+                        save_every=2)
+    exp.sft.demos.num_examples = 2
+    train_rl(exp, _policy_folder(tmp_path))
+    assert len(drawn_ids) == 16 and set(drawn_ids) <= {train[2]["id"], train[3]["id"]}

@@ -325,3 +325,52 @@ def test_tasks_source_class_is_registered():
     assert "textworld" in envs.list_envs()
     assert envs.config_class("textworld")().complexity == "w2-o3-q4"
     assert isinstance(envs.make_tasks("textworld"), TextWorldTasks)
+
+
+def test_short_sft_then_rl_raises_success_on_a_tiny_game_set(source, cfg, tmp_path):
+    # From scratch on the session's 3 train games: a random policy rarely wins them; SFT on their
+    # walkthroughs then a few GRPO iterations must win more of them (greedy), and RL must not
+    # undo what SFT learned.
+    from algos.checkpoint import load_policy
+    from algos.config import load_config
+    from algos.evaluate import evaluate_episodes
+    from algos.rl import train_rl
+    from algos.sft import train_sft
+    from rl_helpers import tiny_policy
+    from algos import recipes
+
+    recipe = tmp_path / "tw_tiny.yaml"
+    recipe.write_text(f"""
+name: tw_tiny
+seed: 0
+out_dir: {tmp_path / 'rl'}
+data_dir: {tmp_path / 'data'}
+env: {{name: textworld, complexity: {COMPLEXITY}, train_size: 3, heldout_size: 2, admissible_commands: true,
+      cache_dir: {cfg['cache_dir']}, progress: false}}
+tokenizer: {{vocab_size: 400}}
+model: {{hidden_size: 64, num_layers: 2, num_heads: 2, max_seq_len: 1024}}
+runtime: {{device: cpu}}
+sft: {{demos: {{num_examples: 3}}, steps: 120, batch_size: 3, lr: 3.0e-3, warmup_steps: 5, log_every: 20,
+      save_every: 120}}
+eval: {{split: heldout}}
+rl: {{algo: grpo, init_from: {tmp_path / 'sft'}, iterations: 3, tasks_per_iter: 3, group_size: 4, epochs: 1,
+     minibatch_size: 12, micro_batch_size: 6, lr: 3.0e-4, eval_every: 0, eval_tasks: 2, save_every: 3}}
+rollout: {{num_workers: 0, max_turn_tokens: 16, temperature: 1.0}}
+""")
+    exp = load_config(recipe)
+    train = source.tasks("train")
+
+    def success(model, tokenizer) -> float:
+        summary, _ = evaluate_episodes(model, tokenizer, "textworld", exp.env_options(), train, exp.eval,
+                                       exp.rollout, exp.model.max_seq_len)
+        return summary["accuracy"]
+
+    sft_dir = tmp_path / "sft"
+    demos = recipes.read_jsonl(recipes.prepare_data(exp, progress=False) / "train_demos.jsonl")
+    tok = recipes.build_tokenizer(exp, demos, sft_dir)
+    start = success(tiny_policy(tok, hidden=64).eval(), tok)
+    train_sft(exp, recipes.build_examples(exp, demos, tok), tok, sft_dir, progress=False)
+    after_sft = success(*load_policy(sft_dir))
+    train_rl(exp, sft_dir)
+    after_rl = success(*load_policy(tmp_path / "rl"))
+    assert start < 1 / 3 and after_sft > start and after_rl >= after_sft, (start, after_sft, after_rl)

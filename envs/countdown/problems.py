@@ -246,10 +246,11 @@ class CountdownTasks(TaskSource):
         problems = load_problems_jsonl(path, num_inputs=self.config.num_inputs)
         return [{"id": f"{Path(path).name}/{i}", **p.to_dict()} for i, p in enumerate(problems)]
 
-    def sample_tasks(self, split: str, n: int, rng: random.Random) -> list[dict]:
-        """Train tasks are drawn fresh from the train distribution (the split is ~unbounded)."""
+    def sample_tasks(self, split: str, n: int, rng: random.Random, skip: int = 0) -> list[dict]:
+        """Train tasks are drawn fresh from the train distribution (the split is ~unbounded, so
+        `skip` changes nothing there)."""
         if split != TRAIN_SPLIT:
-            return super().sample_tasks(split, n, rng)
+            return super().sample_tasks(split, n, rng, skip)
         return [self.sample_train(rng).to_dict() for _ in range(n)]
 
     def sample_train(self, rng: random.Random) -> Problem:
