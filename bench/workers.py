@@ -91,7 +91,7 @@ def main() -> None:
         table.add_row(str(r["workers"]), str(r["threads"]), str(r["episodes"]), str(r["steps"]),
                       f"{r['seconds']:.1f}", f"{r['steps_s']:.1f}", f"{r['episodes_s']:.2f}",
                       f"{r['policy_tokens_s']:.0f}", f"{r['steps_s'] / base:.2f}x")
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":
