@@ -119,7 +119,9 @@ class TaskSource(abc.ABC):
         never one of its first `skip` tasks."""
         if not hasattr(self, "_sample_pool"):
             self._sample_pool: dict[str, list[dict]] = {}
-        pool = self._sample_pool.setdefault(split, self.tasks(split))[skip:]
+        if split not in self._sample_pool:  # built once: tasks() copies the whole split
+            self._sample_pool[split] = self.tasks(split)
+        pool = self._sample_pool[split][skip:]
         if not pool:
             raise ValueError(f"split {split!r} has no tasks to sample past its first {skip} "
                              f"(it holds {len(self._sample_pool[split])})")

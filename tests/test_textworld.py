@@ -337,7 +337,9 @@ def test_short_sft_then_rl_raises_success_on_a_tiny_game_set(source, cfg, tmp_pa
     from algos.rl import train_rl
     from algos.sft import train_sft
     from rl_helpers import tiny_policy
+
     from algos import recipes
+    from algos.data import prepare_data, read_jsonl
 
     recipe = tmp_path / "tw_tiny.yaml"
     recipe.write_text(f"""
@@ -366,7 +368,7 @@ rollout: {{num_workers: 0, max_turn_tokens: 16, temperature: 1.0}}
         return summary["accuracy"]
 
     sft_dir = tmp_path / "sft"
-    demos = recipes.read_jsonl(recipes.prepare_data(exp, progress=False) / "train_demos.jsonl")
+    demos = read_jsonl(prepare_data(exp, progress=False) / "train_demos.jsonl")
     tok = recipes.build_tokenizer(exp, demos, sft_dir)
     start = success(tiny_policy(tok, hidden=64).eval(), tok)
     train_sft(exp, recipes.build_examples(exp, demos, tok), tok, sft_dir, progress=False)
