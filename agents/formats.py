@@ -35,6 +35,8 @@ class StreamFormat:
         return observation + "\n"  # never reached in play: the episode has one turn
 
     def segments(self, demo: dict) -> list[tuple[str, bool]]:
+        if "segments" in demo:  # a stream with a rejected move spliced in (countdown demos)
+            return [(text, bool(policy)) for text, policy in demo["segments"]]
         return [(self.prompt(demo["prompt"]), False), (demo["completion"], True)]
 
 

@@ -15,6 +15,12 @@ episode returns R^(i) = G_1^(i) of the group:
     RLOO:  A_k^(i) = G_k^(i) − 1/(G−1) Σ_{j≠i} R^(j)
 With sparse rewards and γ = 1, G_k = R for every token: the papers' episode-level advantages. With
 dense rewards, a token is credited only with the progress made from its turn on.
+
+`rl.group_credit: episode` uses R in place of G_k. That is the same estimator with the state-
+dependent baseline b − C_k, C_k = the rewards already earned before token k (a function of the
+past, so still unbiased): G_k − (b − C_k) = R − b. It matters with dense rewards, where G_k ≤ R
+makes every token after the first progress look worse than the group mean even in a group that
+all won (docs/rl.md).
 """
 from __future__ import annotations
 

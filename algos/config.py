@@ -54,12 +54,15 @@ class DemoConfig(_Section):
     strategies: list[Literal["dfs", "bfs"]] = ["dfs", "bfs"]
     heuristics: list[Literal["sum", "mult"]] = ["sum", "mult"]
     beams: list[int] = [1, 2, 3, 4, 5]
+    # Countdown: the fraction of demos with one rejected move and the env's reply spliced in,
+    # not trained on, so the policy learns to go on after "Invalid action" (multi-turn play)
+    mistakes: float = Field(0.0, ge=0, le=1)
 
     def options(self) -> dict:
         """Keyword arguments of TaskSource.demonstrations: the keys the recipe set."""
         opts = self.model_dump(exclude_unset=True, exclude={"num_examples"})
         if opts.get("format", "sos") != "sos":  # only streams of search are written by a search
-            opts = {"format": opts["format"]}
+            opts = {k: opts[k] for k in ("format", "mistakes") if k in opts}
         return opts
 
 
@@ -127,6 +130,10 @@ class RLConfig(_Section):
     vf_coef: float = Field(0.5, ge=0)
     normalize_advantages: bool = Field(True, description="PPO: whiten advantages over the batch")
     std_normalize: bool = Field(True, description="GRPO: divide by the group's return std")
+    group_credit: Literal["to_go", "episode"] = Field(
+        "to_go", description="GRPO/RLOO: a token's return is its return-to-go G_k (to_go) or the whole episode's "
+        "R (episode: the dense rewards earned before the token join the baseline, so a group that all won "
+        "gives every token 0 instead of pushing down the tokens after the first progress)")
     loss_aggregation: Literal["token", "episode"] = Field(
         "token", description="average per-token losses over all policy tokens of a micro-batch (token) or "
         "per episode, then over episodes (episode: a long failed episode weighs no more than a short win)")
@@ -135,6 +142,9 @@ class RLConfig(_Section):
     entropy_coef: float = Field(0.0, ge=0)
     tis_cap: float = Field(2.0, ge=0, description="truncated importance weight cap C; 0 disables")
     eval_every: int = Field(10, ge=0, description="held-out eval every N iterations; 0 = start and end only")
+    eval_samples: int = Field(
+        0, ge=0, description="held-out evals also play this many episodes per task at rollout.temperature and "
+        "report their success (sampled_accuracy): what RL optimises, and steadier than greedy success")
     eval_tasks: int = Field(200, ge=1, description="held-out tasks in the periodic eval")
     save_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)

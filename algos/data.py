@@ -33,7 +33,10 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def data_folder(exp: Experiment) -> Path:
-    key = json.dumps({"env": exp.env.model_dump(), "demos": exp.sft.demos.model_dump()}, sort_keys=True)
+    demos = exp.sft.demos.model_dump()
+    if not demos["mistakes"]:  # keys added later stay out at their off value: old caches stay valid
+        del demos["mistakes"]
+    key = json.dumps({"env": exp.env.model_dump(), "demos": demos}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return Path(exp.data_dir) / f"{exp.env.name}-{digest}"
 

@@ -128,12 +128,14 @@ def print_summary(title: str, rows: dict[str, dict]) -> None:
 
     table = Table(title=title)
     turns = any("mean_turns" in s for s in rows.values())
-    cols = ["split", "tasks", "accuracy"] + (["mean turns"] if turns else []) + [
+    sampled = all("sampled_accuracy" in s for s in rows.values())
+    cols = ["split", "tasks", "accuracy"] + (["sampled"] if sampled else []) + (["mean turns"] if turns else []) + [
         "mean tokens", "truncated", "tokens/s", "seconds"]
     for col in cols:
         table.add_column(col, justify="left" if col == "split" else "right", no_wrap=True)
     for name, s in rows.items():
         table.add_row(name, str(s["tasks"]), f"{s['accuracy']:.1%}",
+                      *([f"{s['sampled_accuracy']:.1%}"] if sampled else []),
                       *([f"{s.get('mean_turns', 1):.1f}"] if turns else []), f"{s['mean_tokens']:.0f}",
                       f"{s['truncated']:.1%}", f"{s['tokens_per_s']:.0f}", f"{s['seconds']:.1f}")
     console = Console()

@@ -196,7 +196,10 @@ class Learner:
         baseline, scale = group_baselines(episode_returns, batch.groups, cfg.algo, cfg.std_normalize)
         for i in range(batch.mask.shape[0]):
             idx = batch.mask[i].nonzero().flatten()
-            g = returns_to_go(batch.rewards[i, idx], cfg.gamma)
+            if cfg.group_credit == "episode":
+                g = episode_returns[i].expand(idx.numel())
+            else:
+                g = returns_to_go(batch.rewards[i, idx], cfg.gamma)
             adv[i, idx] = (g - baseline[i]) / scale[i]
         return adv, ret
 

@@ -46,9 +46,28 @@ def rollout_metrics(trajs, stats: dict) -> dict[str, float]:
     }
 
 
-def evaluate_pool(pool: RolloutPool, tasks: list[dict], seed: int) -> tuple[dict, list[dict]]:
+def evaluate_pool(pool: RolloutPool, tasks: list[dict], seed: int, samples: int = 0,
+                  temperature: float = 1.0) -> tuple[dict, list[dict]]:
+    """Greedy held-out episodes (summary, records); with `samples`, the summary also holds
+    `sampled_accuracy`: success over that many episodes per task at `temperature`."""
     trajs, stats = pool.play(tasks, 1, seed=seed, temperature=0.0)
-    return episode_summary(trajs, stats)
+    summary, records = episode_summary(trajs, stats)
+    if samples:
+        summary["sampled_accuracy"] = sampled_success(pool, tasks, seed, samples, temperature)
+    return summary, records
+
+
+def held_out_line(summary: dict) -> str:
+    line = f"held-out success {summary['accuracy']:.1%} on {summary['tasks']} tasks"
+    if "sampled_accuracy" in summary:
+        line += f" (sampled: {summary['sampled_accuracy']:.1%})"
+    return line
+
+
+def sampled_success(pool: RolloutPool, tasks: list[dict], seed: int, samples: int, temperature: float) -> float:
+    trajs, _ = pool.play(tasks, samples, seed=episode_seed(seed, "sampled"), temperature=temperature)
+    scored = [t for t in trajs if not t.infra_error]
+    return sum(t.won for t in scored) / max(len(scored), 1)
 
 
 def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
@@ -87,10 +106,14 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
             pool.update_weights(learner.policy_state_dict())
         source = envs.make_tasks(exp.env.name, **exp.env_options())
         split, eval_tasks = heldout_tasks(exp, limit=cfg.eval_tasks)
+        held_out = dict(samples=cfg.eval_samples, temperature=exp.rollout.temperature)
         before = state.get("before", before)
         if before is None:
-            before, _ = evaluate_pool(pool, eval_tasks, seed=episode_seed(exp.seed, "eval", 0))
-            tqdm.write(f"before RL: held-out success {before['accuracy']:.1%} on {before['tasks']} tasks")
+            before, _ = evaluate_pool(pool, eval_tasks, seed=episode_seed(exp.seed, "eval", 0), **held_out)
+            tqdm.write(f"before RL: {held_out_line(before)}")
+        elif cfg.eval_samples and "sampled_accuracy" not in before:  # the SFT stage's greedy eval
+            before = {**before, "sampled_accuracy": sampled_success(
+                pool, eval_tasks, episode_seed(exp.seed, "eval", 0), **held_out)}
         if start == 0:
             log.log(0, {k: v for k, v in before.items() if isinstance(v, (int, float))}, prefix="eval/")
 
@@ -116,9 +139,9 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
 
             done = it + 1
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.iterations:
-                last, _ = evaluate_pool(pool, eval_tasks, seed=episode_seed(exp.seed, "eval", done))
+                last, _ = evaluate_pool(pool, eval_tasks, seed=episode_seed(exp.seed, "eval", done), **held_out)
                 log.log(done, last, prefix="eval/")
-                tqdm.write(f"iteration {done}: held-out success {last['accuracy']:.1%}")
+                tqdm.write(f"iteration {done}: {held_out_line(last)}")
             if done % cfg.save_every == 0 or done == cfg.iterations:
                 save_checkpoint(run_dir, done, learner.engine, tokenizer,
                                 {"iteration": done, "rng": rng_state(), "before": before}, cfg.keep_checkpoints)
@@ -126,7 +149,8 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
         if end < cfg.iterations:
             return {"before": before, "stopped_at": end}
 
-        after, records = evaluate_pool(pool, eval_tasks, seed=episode_seed(exp.seed, "eval", cfg.iterations))
+        after, records = evaluate_pool(pool, eval_tasks, seed=episode_seed(exp.seed, "eval", cfg.iterations),
+                                       **held_out)
         log.log(cfg.iterations, after, prefix="eval/")
         save_eval(run_dir / "eval" / f"{split}_rl.json", after, records,
                   {"checkpoint": str(latest_checkpoint(run_dir)), "split": split, "before": before})

@@ -288,3 +288,48 @@ def test_random_play_dense_at_most_one_and_equal_to_sparse_at_the_end_of_a_win(n
         if totals["dense"][0]:
             assert totals["sparse"][1] == totals["dense"][1] == 1.0
     assert wins > 5
+
+
+# -- demonstrations with a rejected move --------------------------------------------------------
+
+
+def test_mistake_demos_read_exactly_like_multi_turn_play():
+    """A demo with a rejected move spliced in is what the multi-turn env and its format write
+    when the policy plays the demo's lines, wrong one included; SFT trains on the stream around
+    it but not on the wrong line or the env's reply, and the stream itself is unchanged."""
+    from agents.formats import format_for
+
+    fmt = format_for("countdown_search")
+    probs = CountdownTasks(CountdownConfig(num_inputs=3, max_number=10, heldout_size=60)).problems("heldout_seen")
+    plain = list(demonstrations(probs, strategies=["dfs"], heuristics=["sum"], seed=3))
+    spoiled = list(demonstrations(probs, strategies=["dfs"], heuristics=["sum"], seed=3, mistakes=1.0))
+    assert [d["completion"] for d in plain] == [d["completion"] for d in spoiled]
+    with_segments = [d for d in spoiled if "segments" in d and "Goal Reached" in d["completion"]]
+    assert len(with_segments) >= 50  # DFS streams almost always have a line to spoil
+    wrong_arithmetic = 0
+    for demo in with_segments:
+        text = "".join(t for t, _ in demo["segments"])
+        untrained = [t for t, trained in demo["segments"] if not trained]
+        assert untrained[0] == demo["prompt"] + "\n" and untrained[2].startswith("Invalid action:")
+        wrong_arithmetic += "wrong arithmetic" in untrained[2]
+        trained = "".join(t for t, trained in demo["segments"] if trained)
+        assert trained == demo["completion"]
+        # play it: each turn the policy writes the next line of the demo
+        env = envs.make("countdown_search", max_turns=10**6, max_backtracks=10**6)
+        obs, _ = env.reset(options={"task": demo["problem"]})
+        conversation = fmt.prompt(obs)
+        while True:
+            line = text[len(conversation):].split("\n")[0]
+            obs, _, terminated, _, info = env.step(fmt.action(obs, line))
+            conversation += line + "\n" + fmt.observation(obs, fmt.action(obs, line), line)
+            if terminated:
+                break
+            assert text.startswith(conversation)
+        assert conversation == text + "\n" and info["won"]
+    assert wrong_arithmetic > len(with_segments) // 2
+
+
+def test_mistakes_outside_zero_one_are_refused():
+    probs = CountdownTasks(CountdownConfig(num_inputs=3, heldout_size=5)).problems("heldout_seen")
+    with pytest.raises(ValueError, match="mistakes"):
+        list(demonstrations(probs, mistakes=1.5))

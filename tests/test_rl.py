@@ -64,6 +64,33 @@ def test_loss_weights_token_and_episode_by_hand():
     assert float(masked_mean(x, mask)) == pytest.approx(16 / 4)  # a 0/1 mask: the plain token mean
 
 
+def test_group_credit_to_go_and_episode_by_hand(tmp_path):
+    """Dense rewards, one RLOO group of two 2-turn episodes: returns (0.5+0.5) and (0.5+0).
+    to_go credits each turn with the reward from it on; episode gives every token R − baseline."""
+    from rollout.trajectory import Trajectory
+
+    tok = tiny_tokenizer()
+    trajs = []
+    for second in (0.5, 0.0):
+        tr = Trajectory(task={"id": "t"}, group=0)
+        tr.append([1, 5], policy=False)
+        tr.append([7, 8], policy=True, logprobs=[-1.0, -1.0])
+        tr.add_turn_reward(0.5)
+        tr.append([5], policy=False)
+        tr.append([9], policy=True, logprobs=[-1.0])
+        tr.add_turn_reward(second)
+        trajs.append(tr)
+    batch = Batch.from_trajectories(trajs, tok.pad_token_id)
+    # to_go: member 0's G = (1.0, 1.0, 0.5) against the other's R = 0.5, member 1's (0.5, 0.5, 0) against 1.0
+    for credit, want in [("to_go", [0.5, 0.5, 0.0, -0.5, -0.5, -1.0]),
+                         ("episode", [0.5, 0.5, 0.5, -0.5, -0.5, -0.5])]:
+        learner = Learner(rl_experiment(tmp_path, algo="rloo", group_credit=credit), tiny_policy(tok),
+                          tok.pad_token_id)
+        adv, _ = learner.advantages(batch, torch.zeros_like(batch.mask))
+        got = adv[batch.mask.bool()].tolist()
+        assert got == pytest.approx(want), credit
+
+
 def test_returns_to_go():
     assert torch.allclose(returns_to_go(torch.tensor([0.25, 0.0, 0.5]), 0.5), torch.tensor([0.375, 0.25, 0.5]))
 
@@ -309,3 +336,18 @@ def test_rl_tasks_can_skip_the_games_sft_imitated(tmp_path, monkeypatch):
     exp.sft.demos.num_examples = 2
     train_rl(exp, _policy_folder(tmp_path))
     assert len(drawn_ids) == 16 and set(drawn_ids) <= {train[2]["id"], train[3]["id"]}
+
+
+def test_held_out_evals_can_add_sampled_success(tmp_path, capsys):
+    """rl.eval_samples plays that many more episodes per held-out task at rollout.temperature; at
+    temperature 0 they replay the greedy episode, so their success must equal greedy success."""
+    from algos.rl import train_rl
+
+    exp = rl_experiment(tmp_path, iterations=1, save_every=1, eval_samples=3)
+    exp.rollout.temperature = 0.0
+    out = train_rl(exp, _policy_folder(tmp_path))
+    for when in ("before", "after"):
+        assert out[when]["sampled_accuracy"] == out[when]["accuracy"], when
+    assert "sampled" in capsys.readouterr().out
+    exp = rl_experiment(tmp_path / "greedy_only", iterations=1, save_every=1)
+    assert "sampled_accuracy" not in train_rl(exp, _policy_folder(tmp_path))["after"]
