@@ -65,9 +65,8 @@ def held_out_line(summary: dict) -> str:
 
 
 def sampled_success(pool: RolloutPool, tasks: list[dict], seed: int, samples: int, temperature: float) -> float:
-    trajs, _ = pool.play(tasks, samples, seed=episode_seed(seed, "sampled"), temperature=temperature)
-    scored = [t for t in trajs if not t.infra_error]
-    return sum(t.won for t in scored) / max(len(scored), 1)
+    trajs, stats = pool.play(tasks, samples, seed=episode_seed(seed, "sampled"), temperature=temperature)
+    return episode_summary(trajs, stats)[0]["accuracy"]
 
 
 def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,

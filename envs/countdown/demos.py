@@ -63,7 +63,7 @@ def with_mistake(demo: dict, rng: random.Random) -> dict:
     bad = _spoil(lines[k], env.nodes[env.current].nums, rng)
     if bad is None:
         return demo
-    reply, *_ = env.step(bad.split(",")[0].removeprefix("Exploring Operation:").strip())
+    reply, *_ = env.step(stream_to_actions(bad)[0])
     if not reply.startswith("Invalid action:"):
         return demo
     before = "\n".join(lines[:k]) + "\n" if k else ""
