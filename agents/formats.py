@@ -5,12 +5,14 @@ segments), evaluation and RL rollouts, so the policy always sees one layout — 
 tokenises each segment on its own exactly as the episode runner does turn by turn, the same
 token ids.
 
-A format answers five questions:
+A format answers six questions:
     prompt(obs)                      the text of the first prompt (after <bos>)
     stop_texts                       where a turn's generation ends (() = only at <eos>)
     action(obs, completion)          the text handed to env.step
     observation(obs, action, text)   the text appended to the conversation after env.step
     segments(demo)                   a demonstration as [(text, written_by_policy), ...]
+    choices(info)                    the texts the policy may write next, when the env lists its
+                                     actions (rollout.constrain_actions); else None
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class StreamFormat:
     writes the rest of the stream, and the action is the whole stream (prompt line included)."""
 
     multi_turn = False
+    lists_choices = False
     stop_texts: tuple[str, ...] = ()
 
     def prompt(self, observation: str) -> str:
@@ -38,6 +41,9 @@ class StreamFormat:
         if "segments" in demo:  # a stream with a rejected move spliced in (countdown demos)
             return [(text, bool(policy)) for text, policy in demo["segments"]]
         return [(self.prompt(demo["prompt"]), False), (demo["completion"], True)]
+
+    def choices(self, info: dict) -> list[str] | None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class CommandFormat:
     tokenise differently from the same text seen whole."""
 
     multi_turn = True
+    lists_choices = True
     stop_texts: tuple[str, ...] = ("\n",)
     prefix: str = "> "
 
@@ -92,6 +99,11 @@ class CommandFormat:
             out.append((turn["observation"] + "\n", False))
             out.append((self.prefix + turn["action"] + "\n", True))
         return out
+
+    def choices(self, info: dict) -> list[str] | None:
+        """The admissible commands as the policy writes them ("> open chest\n"); None if none listed."""
+        commands = info.get("admissible_actions")
+        return [self.prefix + c + "\n" for c in commands] if commands else None
 
 
 FORMATS = {"countdown": StreamFormat(), "countdown_search": SearchLineFormat(), "textworld": CommandFormat()}

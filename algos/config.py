@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 import envs
+from agents.formats import format_for
 from agents.model import ModelConfig
 from agents.tokenizer import TokenizerConfig
 from rollout.runner import RolloutConfig
@@ -284,6 +285,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         env_schema.model_validate(exp.env_options())
     except ValidationError as e:
         raise ConfigError("\n".join(_describe(err, env_schema, ("env",), origin) for err in e.errors())) from None
+    if exp.rollout.constrain_actions and not format_for(exp.env.name).lists_choices:
+        raise ConfigError(f"bad value for 'rollout.constrain_actions' ({origin('rollout.constrain_actions')}): "
+                          f"env '{exp.env.name}' lists no admissible actions to constrain decoding to")
     return exp
 
 

@@ -11,7 +11,8 @@
            `micro_batch_size` per forward; DeepSpeed accumulates), losses from algos/losses.py
 
 Token alignment: the logits at position t predict token t+1, so every per-token array is used
-shifted by one (`[:, 1:]`): the mask says which predicted tokens the policy wrote.
+shifted by one (`[:, 1:]`): the mask says which predicted tokens the policy wrote. Tokens drawn by
+constrained decoding (rollout.constrain_actions) are scored under the same mask (`Batch.constrain`).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from algos.losses import (
     token_logprobs,
 )
 from algos.runtime import init_deepspeed, param_dtype, resolve_device
+from rollout.engine import mask_logits
 from rollout.trajectory import Trajectory
 
 
@@ -79,6 +81,8 @@ class Batch:
     behaviour_logp: torch.Tensor  # [E, T-1] engine log-probs of those tokens
     rewards: torch.Tensor  # [E, T-1]
     groups: torch.Tensor  # [E]
+    # constrained decoding: per episode, {shifted position: allowed token ids} (empty = free)
+    choice_sets: list[dict[int, list[int]]] | None = None
 
     @staticmethod
     def from_trajectories(trajs: list[Trajectory], pad_id: int) -> Batch:
@@ -93,7 +97,22 @@ class Batch:
             pm[i, :n] = torch.tensor(tr.policy_mask, dtype=torch.float)
             lp[i, :n] = torch.tensor(tr.logprobs)
             rw[i, :n] = torch.tensor(tr.rewards)
-        return Batch(ids, am, pm[:, 1:], lp[:, 1:], rw[:, 1:], torch.tensor([tr.group for tr in trajs]))
+        choices = [{pos - 1: ids for pos, ids in tr.choice_sets.items()} for tr in trajs]
+        return Batch(ids, am, pm[:, 1:], lp[:, 1:], rw[:, 1:], torch.tensor([tr.group for tr in trajs]),
+                     choices if any(choices) else None)
+
+    def constrain(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T-1, V] of `rows`, masked to the choices the engine sampled from (if any), so
+        every log-prob, ratio, KL and entropy is the constrained policy's: exactly what was played."""
+        if self.choice_sets is None:
+            return logits
+        where = [(b, pos, ids) for b, r in enumerate(rows.tolist()) for pos, ids in self.choice_sets[r].items()]
+        if not where:
+            return logits
+        b_idx = torch.tensor([w[0] for w in where], device=logits.device)
+        t_idx = torch.tensor([w[1] for w in where], device=logits.device)
+        picked = mask_logits(logits[b_idx, t_idx], [w[2] for w in where])  # [K, V] fp32
+        return logits.float().index_put((b_idx, t_idx), picked)
 
 
 class Learner:
@@ -143,7 +162,8 @@ class Learner:
         else:
             with torch.no_grad(), self._autocast():
                 logits, values = self.engine.module(ids, am)
-        return ids, logits[:, :-1], (None if values is None else values[:, :-1].float()), t
+        logits = batch.constrain(logits[:, :-1], rows)
+        return ids, logits, (None if values is None else values[:, :-1].float()), t
 
     def _autocast(self):
         precision = self.exp.runtime.precision
@@ -169,8 +189,8 @@ class Learner:
     @torch.no_grad()
     def _ref_logp(self, batch: Batch, rows: torch.Tensor, ids: torch.Tensor, t: int) -> torch.Tensor:
         with self._autocast():
-            ref_logits = self.reference(input_ids=ids, attention_mask=batch.attention_mask[rows, :t].to(
-                self.device)).logits[:, :-1]
+            ref_logits = batch.constrain(self.reference(input_ids=ids, attention_mask=batch.attention_mask[rows, :t].to(
+                self.device)).logits[:, :-1], rows)
         return token_logprobs(ref_logits, ids[:, 1:]).cpu()
 
     def on_policy(self, n_episodes: int) -> bool:

@@ -48,6 +48,9 @@ class Completion:
     # top-p truncation; plain log-softmax when greedy) — what an importance ratio needs.
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str = "length"  # "stop" (a stop token, included in token_ids) or "length"
+    # constrained decoding: per token, the token ids that were allowed at its step (None = free);
+    # the learner needs them to compute the same masked distribution.
+    allowed: list[list[int] | None] | None = None
 
 
 class _GrowingLayer(DynamicLayer):
@@ -124,6 +127,7 @@ class InferenceEngine(Protocol):
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
         sessions: Sequence[Hashable] | None = None,
+        choices: Sequence[Sequence[Sequence[int]] | None] | None = None,
     ) -> list[Completion]: ...
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None: ...
@@ -166,6 +170,43 @@ class _RowsView:
         self.keys[:, :, self.start : end] = key_states
         self.values[:, :, self.start : end] = value_states
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+def choice_tree(choices: Sequence[Sequence[int]]) -> dict:
+    """Token-id sequences as a prefix tree {token: subtree}; a finished sequence is {}."""
+    root: dict = {}
+    for seq in choices:
+        node = root
+        for token in seq:
+            node = node.setdefault(token, {})
+    return root
+
+
+def allowed_next(node: dict | None, fallback: Sequence[int]) -> list[int] | None:
+    """The tokens a row standing at `node` of its choice tree may write next; None = any. A row
+    past the end of every choice may only stop (`fallback` tokens; none given: it runs free)."""
+    if node is None:
+        return None
+    return list(node) or list(fallback) or None
+
+
+def mask_logits(logits: torch.Tensor, allowed: Sequence[Sequence[int] | None]) -> torch.Tensor:
+    """logits [N, V] (fp32) with every token outside row n's `allowed[n]` at the float minimum
+    (None = the row is free). A finite minimum rather than -inf: the masked tokens get exactly 0
+    probability, and p·log p stays 0 (an entropy over -inf logits is NaN)."""
+    rows, cols, masked = [], [], []
+    for n, ids in enumerate(allowed):
+        if ids is not None:
+            masked.append(n)
+            rows += [n] * len(ids)
+            cols += list(ids)
+    logits = logits.float()
+    if not masked:
+        return logits
+    keep = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+    keep[masked] = False
+    keep[rows, cols] = True
+    return logits.masked_fill(~keep, torch.finfo(torch.float32).min)
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -458,12 +499,19 @@ class TorchEngine:
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
         sessions: Sequence[Hashable] | None = None,
+        choices: Sequence[Sequence[Sequence[int]] | None] | None = None,
     ) -> list[Completion]:
         """Complete every prompt. With `sessions` (one distinct key per prompt), reuse and keep the
         KV of each conversation: the stored ids of a session that are a prefix of its new prompt are
         not run again, and after the call the session holds prompt + completion (all but the last
-        sampled token, which was never fed)."""
+        sampled token, which was never fed).
+
+        `choices` (one entry per prompt, None = free): the token-id sequences a completion may be;
+        decoding masks every token that would leave them (constrained decoding, e.g. a text game's
+        admissible commands). Each choice should end in a stop token."""
         check_request(prompts, sessions)
+        if choices is not None and len(choices) != len(prompts):
+            raise ValueError(f"{len(choices)} choice lists for {len(prompts)} prompts")
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -478,7 +526,8 @@ class TorchEngine:
             cached = None
             if sessions is not None:
                 cached = [self._take_session(sessions[i], prompts[i]) for i in idx]
-            completions, kvs = self._generate_chunk(chunk, params, generator, cached)
+            trees = None if choices is None else [None if choices[i] is None else choice_tree(choices[i]) for i in idx]
+            completions, kvs = self._generate_chunk(chunk, params, generator, cached, trees)
             for j, i in enumerate(idx):
                 results[i] = completions[j]
                 if sessions is not None:
@@ -487,9 +536,10 @@ class TorchEngine:
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _generate_chunk(self, prompts, params: SamplingParams, generator, cached=None):
+    def _generate_chunk(self, prompts, params: SamplingParams, generator, cached=None, trees=None):
         """Generate for one batch. `cached` (sessions mode): per prompt None or the per-layer KV of
-        its first r tokens. Returns the completions and, in sessions mode, each row's compacted KV.
+        its first r tokens. `trees`: per prompt None or its choice tree, walked as tokens are drawn.
+        Returns the completions and, in sessions mode, each row's compacted KV.
 
         Cache columns: [0, C) hold each row's cached KV right-aligned (C = longest cached prefix),
         [C, W) the uncached prompt suffixes right-aligned (W = C + longest suffix), then one column
@@ -549,9 +599,20 @@ class TorchEngine:
         stop_step = torch.full((n,), -1, dtype=torch.long, device=dev)  # per prompt: step of its stop token
         kvs: list = [None] * n
         history = []  # per step: (prompt index per slot, token, logprob, live slots), kept on device
+        allowed_log: list[list] = [[] for _ in range(n)]  # per prompt, per step: its allowed tokens
         n_done = 0
         for step in range(params.max_new_tokens):
+            if trees is not None:
+                slot_rows = rows.tolist()
+                allowed = [allowed_next(trees[i], params.stop_token_ids) for i in slot_rows]
+                for i, ids in zip(slot_rows, allowed):
+                    allowed_log[i].append(ids)
+                logits = mask_logits(logits, allowed)
             tokens, logps = sample_tokens(logits, params.temperature, params.top_p, generator)
+            if trees is not None:
+                for i, token in zip(slot_rows, tokens.tolist()):
+                    if trees[i] is not None:
+                        trees[i] = trees[i].get(token, {})
             live = ~done
             history.append((rows, tokens, logps, live))
             if params.stop_token_ids:
@@ -578,6 +639,10 @@ class TorchEngine:
             self._extract(cache, kvs, torch.arange(len(rows), device=dev), rows, stop_step, step, reuse,
                           suffix_len, C, W)
         completions = self._completions(history, stop_step >= 0)
+        if trees is not None:  # a row is logged from step 0 on, so its first len(tokens) entries are its own
+            for i, c in enumerate(completions):
+                if trees[i] is not None:
+                    c.allowed = allowed_log[i][: len(c.token_ids)]
         self.stats["generated_tokens"] += sum(len(c.token_ids) for c in completions)
         return completions, kvs
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rollout.engine import SamplingParams
 from rollout.trajectory import Trajectory
@@ -41,6 +41,15 @@ class RolloutConfig(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     env_timeout_s: float = Field(30.0, gt=0, description="an env step or reset slower than this is an infra error")
     max_batch_size: int = Field(256, ge=1, description="sequences per engine forward")
+    constrain_actions: bool = Field(
+        False, description="decode only the actions the env lists (info['admissible_actions'], e.g. TextWorld's "
+        "admissible commands): constrained decoding, torch backend; log-probs are those of the masked distribution")
+
+    @model_validator(mode="after")
+    def _check(self) -> RolloutConfig:
+        if self.constrain_actions and self.backend != "torch":
+            raise ValueError("rollout.constrain_actions needs rollout.backend=torch (the vLLM engine decodes freely)")
+        return self
 
 
 @dataclass
@@ -73,6 +82,9 @@ class EpisodeRunner:
         self.max_episode_tokens = min(cfg.max_episode_tokens or max_episode_tokens, max_episode_tokens)
         self.stop_ids = tuple(sorted({i for t in fmt.stop_texts for i in self._stop_tokens(t)})) + (
             tokenizer.eos_token_id,)
+        if cfg.constrain_actions and not fmt.lists_choices:
+            raise ValueError(f"rollout.constrain_actions: the {type(fmt).__name__} format has no list of actions "
+                             "to choose from (only text games that report admissible commands do)")
         self.envs: list[Any] = []
         self._pool = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="env")
         self._sessions = 0
@@ -88,6 +100,9 @@ class EpisodeRunner:
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def _call(self, fn, *args, **kwargs):
         """Run an env call under the time limit; (result, None) or (None, error text)."""
@@ -113,6 +128,7 @@ class EpisodeRunner:
         trajs = [Trajectory(task=tasks[i // group_size], group=i // group_size) for i in range(n)]
         sessions = [self._next_session() for _ in range(n)]
         last_obs: list[str] = [""] * n
+        choices: list[list[str] | None] = [None] * n  # what each episode may say next (constrain_actions)
         live: list[int] = []
         bos = [self.tokenizer.bos_token_id]
 
@@ -123,8 +139,9 @@ class EpisodeRunner:
                 tr.infra_error = f"reset: {err}"
                 self.envs[i] = self.env_factory()
                 continue
-            obs, _info = out
+            obs, info = out
             last_obs[i] = obs
+            choices[i] = self.fmt.choices(info)
             tr.append(bos + self._encode(self.fmt.prompt(obs)), policy=False)
             live.append(i)
         stats.env_s += time.perf_counter() - t0
@@ -144,8 +161,11 @@ class EpisodeRunner:
                 seed=episode_seed(seed, "turn", turn),
             )
             t0 = time.perf_counter()
+            constrained = {}
+            if self.cfg.constrain_actions:
+                constrained["choices"] = [self._encode_many(choices[i]) if choices[i] else None for i in live]
             completions = self.engine.generate([trajs[i].token_ids for i in live], params,
-                                               sessions=[sessions[i] for i in live])
+                                               sessions=[sessions[i] for i in live], **constrained)
             stats.generate_s += time.perf_counter() - t0
 
             t0 = time.perf_counter()
@@ -153,7 +173,7 @@ class EpisodeRunner:
             for i, comp in zip(live, completions):
                 tr = trajs[i]
                 ids, logps = comp.token_ids[: room[i]], comp.logprobs[: room[i]]
-                tr.append(ids, policy=True, logprobs=logps)
+                tr.append(ids, policy=True, logprobs=logps, allowed=comp.allowed and comp.allowed[: room[i]])
                 tr.turns += 1
                 stats.turns += 1
                 stats.policy_tokens += len(ids)
@@ -185,6 +205,7 @@ class EpisodeRunner:
                 stats.env_tokens += len(obs_ids)
                 tr.append(obs_ids, policy=False)
                 last_obs[i] = obs
+                choices[i] = self.fmt.choices(info)
                 still_live.append(i)
             stats.env_s += time.perf_counter() - t0
             live = still_live

@@ -7,6 +7,8 @@ the whole text is never re-tokenised), with per-token arrays aligned to it:
     policy_mask  0     0...  1...  0...  1...      1...  0...     1 only where the policy wrote
     logprobs     sampling log-prob of each policy token under the engine (0 elsewhere)
     rewards      turn t's reward on the last token of act_t (0 elsewhere)
+    choice_sets  {index: token ids allowed there} for policy tokens drawn by constrained decoding
+                 (rollout.constrain_actions): the learner masks its logits the same way
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class Trajectory:
     logprobs: list[float] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     turn_ends: list[int] = field(default_factory=list)  # index of each turn's last policy token
+    choice_sets: dict[int, list[int]] = field(default_factory=dict)
     won: bool = False
     turns: int = 0
     # Why the episode stopped without the env ending it: "episode_tokens" (the conversation hit
@@ -40,7 +43,11 @@ class Trajectory:
     def num_policy_tokens(self) -> int:
         return int(sum(self.policy_mask))
 
-    def append(self, ids: list[int], policy: bool, logprobs: list[float] | None = None) -> None:
+    def append(self, ids: list[int], policy: bool, logprobs: list[float] | None = None,
+               allowed: list[list[int] | None] | None = None) -> None:
+        for k, choice in enumerate(allowed or []):
+            if choice is not None:
+                self.choice_sets[len(self.token_ids) + k] = choice
         self.token_ids += ids
         self.policy_mask += [int(policy)] * len(ids)
         self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)

@@ -133,8 +133,11 @@ class VLLMEngine:
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
         sessions: Sequence[Hashable] | None = None,
+        choices: Sequence[Sequence[Sequence[int]] | None] | None = None,
     ) -> list[Completion]:
         check_request(prompts, sessions)
+        if choices is not None and any(c is not None for c in choices):
+            raise ValueError("constrained decoding (rollout.constrain_actions) needs rollout.backend=torch")
         from vllm.inputs import TokensPrompt
 
         if params.seed is None:

@@ -44,6 +44,12 @@ def test_impossible_values_fail(tiny_recipe):
         load_config(tiny_recipe, ["env.min_number=50"])
     with pytest.raises(ConfigError, match=r"head size .* 16 is not one vLLM can serve"):
         load_config(tiny_recipe, ["model.num_heads=4"])
+    # Constrained decoding needs an env that lists its actions, and the torch engine.
+    with pytest.raises(ConfigError, match=r"'rollout.constrain_actions' \(command-line override\).*env 'countdown'"):
+        load_config(tiny_recipe, ["rollout.constrain_actions=true"])
+    with pytest.raises(ConfigError, match=r"rollout.constrain_actions needs rollout.backend=torch"):
+        load_config("configs/textworld_w2o3q4_ppo.yaml", ["rollout.constrain_actions=true", "rollout.backend=vllm"])
+    assert load_config("configs/textworld_w2o3q4_ppo.yaml", ["rollout.constrain_actions=true"]).rollout.constrain_actions
 
 
 def test_unknown_env_name_suggests(tiny_recipe):

@@ -260,3 +260,46 @@ def test_prefill_length_groups_cover_the_batch_at_least_cost():
     best = min(cost(c) for k in range(len(lengths)) for c in combinations(range(1, len(lengths)), k))
     assert cost([b for _, b in groups[:-1]]) == best
     assert _length_groups([5], 8) == [(0, 1)]
+
+
+def test_constrained_decoding_writes_only_the_given_choices(model):
+    # Three prompts: two may only write one of their choice sequences (each ends in a stop token),
+    # the third is free and (greedy) must decode exactly as without choices.
+    stop = 7
+    prompts = _prompts(3, seed=4)
+    choices = [[[11, 12, stop], [11, 40, 41, stop], [90, stop]], [[55, 56, 57, 58, stop]], None]
+    eng = TorchEngine(model, pad_token_id=0)
+    for params in (SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=(stop,)),
+                   SamplingParams(max_new_tokens=8, temperature=1.0, seed=5, stop_token_ids=(stop,))):
+        out = eng.generate(prompts, params, choices=choices)
+        free = eng.generate(prompts[2:], params)
+        assert out[0].token_ids in choices[0] and out[1].token_ids == choices[1][0]
+        assert all(c.finish_reason == "stop" for c in out[:2])
+        if params.temperature == 0:  # (sampled draws depend on the batch's shape)
+            assert out[2].token_ids == free[0].token_ids
+        # The log-probs are those of the masked distribution the tokens were drawn from.
+        for p, c, allowed in zip(prompts[:2], out[:2], choices[:2]):
+            logits = model(torch.tensor([p + c.token_ids])).logits[0, len(p) - 1 : -1].float()
+            for t, (token, logp) in enumerate(zip(c.token_ids, c.logprobs)):
+                ok = sorted({seq[t] for seq in allowed if seq[:t] == c.token_ids[:t]})
+                scaled = logits[t] / max(params.temperature, 1e-9) if params.temperature else logits[t]
+                ref = torch.log_softmax(scaled[ok], -1)[ok.index(token)]
+                assert abs(float(ref) - logp) < 1e-4
+        assert out[1].logprobs == pytest.approx([0.0] * 5, abs=1e-6)  # one choice: no freedom at all
+        # What was allowed at each step travels with the completion (the learner masks the same way).
+        assert set(out[0].allowed[0]) == {11, 90} and out[1].allowed == [[t] for t in choices[1][0]]
+        assert out[2].allowed is None and len(out[0].allowed) == len(out[0].token_ids)
+
+
+def test_greedy_choice_is_the_models_own_best_path(model):
+    # Among its own greedy completion and distractors, constrained greedy decoding picks its own
+    # (every step's argmax is allowed), with log-probs raised by the renormalisation over fewer tokens.
+    prompts = _prompts(4, seed=6)
+    eng = TorchEngine(model, pad_token_id=0)
+    params = SamplingParams(max_new_tokens=5, temperature=0)
+    free = eng.generate(prompts, params)
+    distractors = [[t % (VOCAB - 3) + 3 for t in (c.token_ids[0] + 1, 17, 18, 19, 20)] for c in free]
+    out = eng.generate(prompts, params, choices=[[d, c.token_ids] for c, d in zip(free, distractors)])
+    assert [c.token_ids for c in out] == [c.token_ids for c in free]
+    for c, f in zip(out, free):
+        assert all(a >= b - 1e-6 for a, b in zip(c.logprobs, f.logprobs)) and c.logprobs[1:] == pytest.approx([0.0] * 4)

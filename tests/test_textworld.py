@@ -376,3 +376,70 @@ rollout: {{num_workers: 0, max_turn_tokens: 16, temperature: 1.0}}
     train_rl(exp, sft_dir)
     after_rl = success(*load_policy(tmp_path / "rl"))
     assert start < 1 / 3 and after_sft > start and after_rl >= after_sft, (start, after_sft, after_rl)
+
+
+def test_constrained_decoding_plays_only_admissible_commands(source, cfg, tmp_path):
+    # An untrained policy writes garbage commands; with rollout.constrain_actions every command it
+    # sends is one the game listed as admissible at that moment (checked by replaying the game),
+    # and the learner's log-probs of those tokens are the engine's masked ones.
+    import copy
+
+    from algos.learner import Learner
+    from rl_helpers import rl_experiment
+    from agents.formats import format_for
+    from agents.model import ModelConfig, build_model
+    from agents.tokenizer import TokenizerConfig, train_tokenizer
+    from rollout.engine import TorchEngine
+    from rollout.runner import EpisodeRunner, RolloutConfig
+
+    train = source.tasks("train")
+    demos = source.demonstrations("train", len(train), seed=0, admissible_commands=True)
+    tok = train_tokenizer([d["prompt"] + d["completion"] for d in demos] * 5, TokenizerConfig(vocab_size=400))
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    policy = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=1, max_seq_len=2048), len(tok),
+                         tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+    env_cfg = envs.validate_config("textworld", {**cfg, "admissible_commands": True, "max_turns": 4})
+    fmt = format_for("textworld")
+
+    def commands(constrain: bool):
+        rollout = RolloutConfig(num_workers=0, max_turn_tokens=12, temperature=1.0, constrain_actions=constrain)
+        runner = EpisodeRunner(TorchEngine(policy, tok.pad_token_id), tok, lambda: envs.make("textworld", env_cfg),
+                               fmt, rollout, 2048)
+        trajs, _ = runner.play(train, group_size=2, seed=1)
+        runner.close()
+        out = []
+        for tr in trajs:
+            texts, run = [], []
+            for token, by_policy in zip(tr.token_ids + [-1], tr.policy_mask + [0]):  # one turn per run of 1s
+                if by_policy:
+                    run.append(token)
+                elif run:
+                    texts.append(tok.decode(run))
+                    run = []
+            out.append([fmt.action("", t) for t in texts])
+        return out, trajs
+
+    def admissible_all(task, actions) -> bool:
+        env = envs.make("textworld", env_cfg)
+        _, info = env.reset(options={"task": task})
+        for action in actions:
+            if action not in info["admissible_actions"]:
+                return False
+            *_, info = env.step(action)
+        return True
+
+    free, _ = commands(False)
+    assert not all(admissible_all(train[i // 2], a) for i, a in enumerate(free))
+    constrained, trajs = commands(True)
+    assert all(len(a) >= 1 for a in constrained)
+    assert all(admissible_all(train[i // 2], a) for i, a in enumerate(constrained))
+
+    def logp_gap() -> float:  # PPO's no-grad pass: mean |log π_old − log μ| over policy tokens
+        exp = rl_experiment(tmp_path, algo="ppo", group_size=2, minibatch_size=4, micro_batch_size=2)
+        return Learner(exp, copy.deepcopy(policy), tok.pad_token_id).update(trajs)["logp_gap"]
+
+    assert logp_gap() < 1e-4
+    for tr in trajs:  # an unmasked learner would see a different distribution
+        tr.choice_sets = {}
+    assert logp_gap() > 1e-2
