@@ -97,7 +97,7 @@ class CommandFormat:
         out: list[tuple[str, bool]] = []
         for turn in demo["turns"]:
             out.append((turn["observation"] + "\n", False))
-            out.append((self.prefix + turn["action"] + "\n", True))
+            out.append((self.prefix + turn["action"] + "\n", turn.get("expert", True)))  # detours: context only
         return out
 
     def choices(self, info: dict) -> list[str] | None:

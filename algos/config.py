@@ -45,7 +45,7 @@ class DemoConfig(_Section):
     """Which expert demonstrations SFT imitates (the env package writes them).
 
     Only the keys a recipe sets are passed to the env's demonstrations(); the defaults below are
-    Countdown's own. TextWorld demos are walkthroughs and take none of these keys.
+    Countdown's own. TextWorld demos are walkthroughs and take only `mistakes`.
     """
 
     num_examples: int = Field(20_000, ge=1, description="demonstrations, one per train task")
@@ -55,8 +55,9 @@ class DemoConfig(_Section):
     strategies: list[Literal["dfs", "bfs"]] = ["dfs", "bfs"]
     heuristics: list[Literal["sum", "mult"]] = ["sum", "mult"]
     beams: list[int] = [1, 2, 3, 4, 5]
-    # Countdown: the fraction of demos with one rejected move and the env's reply spliced in,
-    # not trained on, so the policy learns to go on after "Invalid action" (multi-turn play)
+    # The fraction of demos with one mistake in the context, not trained on, so the policy learns
+    # to recover: Countdown splices in a rejected move and the env's "Invalid action" reply;
+    # TextWorld takes one random admissible detour and the game's planner recovers from it
     mistakes: float = Field(0.0, ge=0, le=1)
 
     def options(self) -> dict:

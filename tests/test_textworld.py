@@ -321,6 +321,44 @@ def test_demonstrations_are_what_the_env_shows(source, cfg):
         json.dumps(demo)  # JSON-able, for the data cache
 
 
+def test_detour_demos_recover_and_train_only_on_the_expert(source, cfg):
+    from agents.formats import format_for
+
+    plain = list(source.demonstrations("train", n=3, seed=0, admissible_commands=True))
+    demos = list(source.demonstrations("train", n=3, seed=0, admissible_commands=True, mistakes=1.0))
+    assert demos == list(source.demonstrations("train", n=3, seed=0, admissible_commands=True, mistakes=1.0))
+    detoured = [d for d in demos if any(not t.get("expert", True) for t in d["turns"])]
+    assert detoured, "mistakes=1.0 gave no detour in 3 games"
+    env = envs.make("textworld", cfg, admissible_commands=True)
+    for demo, walk in zip(demos, plain):
+        assert demo["won"]
+        detours = [i for i, t in enumerate(demo["turns"]) if not t.get("expert", True)]
+        if not detours:  # the detour lost the game or its recovery ran out of turns
+            assert demo == walk
+            continue
+        (k,) = detours
+        walkthrough = demo["task"]["walkthrough"]
+        assert [t["action"] for t in demo["turns"][:k]] == walkthrough[:k]
+        assert demo["turns"][k]["action"] != walkthrough[k]
+        # Replaying the demo's actions in a plain env shows the same text and wins; the detour
+        # was an admissible command.
+        obs, info = env.reset(options={"task": demo["task"]})
+        for i, turn in enumerate(demo["turns"]):
+            assert turn["observation"] == obs
+            assert i != k or turn["action"] in info["admissible_actions"]
+            obs, _, _, _, info = env.step(turn["action"])
+        assert info["won"]
+        # The detour is context: no action span, and not a policy segment in SFT.
+        text = demo["prompt"] + demo["completion"]
+        assert [text[a:b] for a, b in demo["action_spans"]] == [
+            t["action"] for i, t in enumerate(demo["turns"]) if i != k]
+        policy = [text for text, mine in format_for("textworld").segments(demo) if mine]
+        assert policy == ["> " + t["action"] + "\n" for i, t in enumerate(demo["turns"]) if i != k]
+
+    with pytest.raises(ValueError, match="mistakes"):
+        list(source.demonstrations("train", n=1, mistakes=1.5))
+
+
 def test_tasks_source_class_is_registered():
     assert "textworld" in envs.list_envs()
     assert envs.config_class("textworld")().complexity == "w2-o3-q4"

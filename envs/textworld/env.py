@@ -85,10 +85,11 @@ def _is_blocked(command: str) -> bool:
     return bool(words) and words[0] in BLOCKED_COMMANDS
 
 
-def _request_infos(tw):
+def _request_infos(tw, expert: bool = False):
     return tw.EnvInfos(
         feedback=True, description=True, inventory=True, objective=True, admissible_commands=True,
         intermediate_reward=True, won=True, lost=True, score=True, max_score=True,
+        policy_commands=expert,  # the game's own planner: the commands that win from here
     )
 
 
@@ -96,9 +97,10 @@ class TextWorldEnv(TextEnv):
     """One TextWorld game per episode: reset(options={"task": task}) with a task dict from
     TextWorldTasks (or any {"game": path to a .z8}); without a task, a train game is drawn."""
 
-    def __init__(self, config: TextWorldConfig):
+    def __init__(self, config: TextWorldConfig, expert: bool = False):
         super().__init__()
         self.config = config
+        self.expert = expert  # ask the game for expert_plan() after every step (demos only)
         self.max_turns = config.turn_limit
         self.task: dict | None = None
         self._tasks = None  # built only if reset() has to draw a task
@@ -114,7 +116,7 @@ class TextWorldEnv(TextEnv):
             self._close_game()
             tw = import_textworld()
             with quiet_jericho():
-                self._game = tw.start(path, _request_infos(tw))
+                self._game = tw.start(path, _request_infos(tw, self.expert))
             self._game_path = path
         return self._game.reset()
 
@@ -154,6 +156,15 @@ class TextWorldEnv(TextEnv):
         if self.config.admissible_commands:
             parts.append(ADMISSIBLE_PREFIX + ", ".join(self._admissible(state)))
         return parts
+
+    def expert_plan(self) -> list[str]:
+        """The commands that win the game from the current state (the game's planner; empty once
+        it is won or lost). Only for an env built with expert=True."""
+        if not self.expert:
+            raise RuntimeError("expert_plan() needs TextWorldEnv(config, expert=True)")
+        if self._state is None:
+            raise RuntimeError("expert_plan() before reset()")
+        return list(self._state.policy_commands or [])
 
     # -- gymnasium API ------------------------------------------------------------------------
 

@@ -115,11 +115,11 @@ class TextWorldTasks(TaskSource):
     def demonstrations(self, split: str, n: int, seed: int = 0, **options: Any) -> Iterator[dict]:
         """Walkthrough demos (see demos.py) for the first n tasks of `split`, replayed in this
         config's env; `options` override its display keys (admissible_commands,
-        show_description, show_inventory, max_turns). Walkthroughs are deterministic, so `seed`
-        changes nothing; it is taken for the TaskSource interface."""
+        show_description, show_inventory, max_turns) and `mistakes` is the fraction of demos
+        with a detour; `seed` picks the detours (walkthroughs themselves are deterministic)."""
         from .demos import demonstrations
 
-        return demonstrations(self.tasks(split)[:n], self.config, **options)
+        return demonstrations(self.tasks(split)[:n], self.config, seed=seed, **options)
 
     def tasks_from_file(self, path: str) -> list[dict]:
         """Tasks from a folder of .z8 games (e.g. made elsewhere with `tw-make`; searched
