@@ -11,12 +11,13 @@ import json
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 import envs
 from agents.formats import format_for
 from agents.tokenizer import train_tokenizer
-from algos.checkpoint import load_policy
+from algos.checkpoint import latest_checkpoint, load_policy
 from algos.config import Experiment, save_config
 from algos.data import data_folder, prepare_data, read_jsonl
 from algos.evaluate import evaluate_episodes, evaluate_policy, print_summary, save_eval
@@ -137,6 +138,7 @@ def train(exp: Experiment, resume: bool = False) -> dict:
     init = sft_policy_folder(exp)
     before = None
     if not _sft_finished(init, exp.sft.steps):
+        _refuse_other_finished_sft(init, exp.sft.steps)
         print(f"no finished SFT policy in {init}: running the recipe's SFT stage there first")
         summary = sft(exp.model_copy(update={"out_dir": str(init)}), resume=True)
         # The SFT stage just played the same held-out tasks greedily: that is the RL start.
@@ -147,12 +149,25 @@ def train(exp: Experiment, resume: bool = False) -> dict:
 
 def _sft_finished(folder: Path, steps: int) -> bool:
     """A run folder whose newest checkpoint reached `steps`, or any plain policy folder."""
-    from algos.checkpoint import latest_checkpoint
-
     if (folder / "checkpoints").is_dir():
         ck = latest_checkpoint(folder)
         return ck is not None and torch.load(ck / "state.pt", weights_only=False).get("step", 0) >= steps
     return (folder / "config.json").exists() or (folder / "model" / "config.json").exists()
+
+
+def _refuse_other_finished_sft(folder: Path, steps: int) -> None:
+    """Resuming the SFT stage in rl.init_from is for a killed run. A folder whose SFT run finished
+    at another sft.steps is someone's finished policy: extending it to `steps` (with a learning-rate
+    schedule it was not trained under) would silently replace it."""
+    ck = latest_checkpoint(folder) if (folder / "checkpoints").is_dir() else None
+    if ck is None or not (folder / "config.yaml").exists():
+        return
+    saved = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("sft", {}).get("steps")
+    done = torch.load(ck / "state.pt", weights_only=False).get("step", 0)
+    if isinstance(saved, int) and saved != steps and done >= saved:
+        raise ValueError(f"rl.init_from={str(folder)!r} holds a finished SFT run of {saved} steps, but this recipe "
+                         f"asks for sft.steps={steps}: set rl.init_from to a new folder to train that SFT, or "
+                         f"sft.steps={saved} to start RL from the finished one")
 
 
 def evaluate(exp: Experiment, checkpoint: str | Path, split: str | None = None,

@@ -70,3 +70,16 @@ def test_cli_help_lists_the_subcommands():
                          cwd=REPO, check=True).stdout
     for sub in ("gen-data", "sft", "train", "eval"):
         assert sub in out
+
+
+def test_train_refuses_to_extend_a_finished_sft_run(tiny_recipe, tmp_path, capsys):
+    # A finished 2-step SFT run is someone's policy: a recipe asking for 3 SFT steps in the same
+    # folder must not resume (and silently retrain) it.
+    assert launch.main(["sft", str(tiny_recipe), "sft.steps=2"]) == 0
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text()
+    capsys.readouterr()
+    rl = ["rl.algo=grpo", f"rl.init_from={tmp_path / 'run'}", f"out_dir={tmp_path / 'rl'}"]
+    assert launch.main(["train", str(tiny_recipe), "sft.steps=3", *rl]) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished SFT run of 2 steps" in err and "sft.steps=3" in err
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == latest
