@@ -14,11 +14,13 @@ Detours (`mistakes` > 0, DART-style): a walkthrough only ever shows states on th
 so a policy that strays once (drops the quest item, eats a distractor) meets a state it never saw
 and tends to loop until the turn limit — the held-out failures of a walkthrough-trained policy.
 In that fraction of the demos one turn, at a random point, is a random admissible command other
-than the expert's next one (a random verb, then one of its commands), marked {"expert": False} (in the context, not trained on); the rest
-is the game's own planner's plan from the state the detour left (textworld's policy_commands), so
-the policy learns to recover. A detour that loses the game, or whose recovery does not win within
-max_turns, is dropped and the demo is the plain walkthrough. `prompt` / `completion` / `action_spans` come
-from flatten_demo(): one text in which each action follows a "> " line prefix, for trainers
+than the expert's next one (a random verb, then one of its commands), marked {"expert": False}
+(in the context, not trained on); the rest is the game's own planner's plan from the state the
+detour left (textworld's policy_commands), so the policy learns to recover. A detour that loses
+the game, or whose recovery does not win within max_turns, is dropped and the demo is the plain
+walkthrough.
+
+`prompt` / `completion` / `action_spans` come from flatten_demo(): one text in which each action follows a "> " line prefix, for trainers
 that take a single prompt and completion.
 """
 
