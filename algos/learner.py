@@ -37,7 +37,7 @@ from algos.losses import (
     tis_weight,
     token_logprobs,
 )
-from algos.runtime import init_deepspeed, padded_length, param_dtype, resolve_device
+from algos.runtime import init_deepspeed, param_dtype, resolve_device
 from rollout.engine import mask_logits
 from rollout.trajectory import Trajectory
 
@@ -85,9 +85,8 @@ class Batch:
     choice_sets: list[dict[int, list[int]]] | None = None
 
     @staticmethod
-    def from_trajectories(trajs: list[Trajectory], pad_id: int, max_len: int | None = None) -> Batch:
-        longest = max(len(tr.token_ids) for tr in trajs)
-        e, t = len(trajs), padded_length(longest, max_len)  # a few recurring shapes (see there)
+    def from_trajectories(trajs: list[Trajectory], pad_id: int) -> Batch:
+        e, t = len(trajs), max(len(tr.token_ids) for tr in trajs)
         ids = torch.full((e, t), pad_id, dtype=torch.long)
         am = torch.zeros((e, t), dtype=torch.long)
         pm, lp, rw = (torch.zeros((e, t)) for _ in range(3))
@@ -154,9 +153,8 @@ class Learner:
     # -- the update -----------------------------------------------------------------------------
 
     def _forward(self, batch: Batch, rows: torch.Tensor, grad: bool):
-        """Logits and values of `rows`, trimmed to their longest sequence (rounded up to a recurring
-        length, runtime.padded_length: pad columns are masked and after every real token)."""
-        t = min(padded_length(int(batch.attention_mask[rows].sum(-1).max())), batch.input_ids.shape[1])
+        """Logits and values of `rows`, trimmed to their longest sequence."""
+        t = int(batch.attention_mask[rows].sum(-1).max())
         ids = batch.input_ids[rows, :t].to(self.device)
         am = batch.attention_mask[rows, :t].to(self.device)
         if grad:
@@ -231,7 +229,7 @@ class Learner:
             return {}
         cfg = self.cfg
         t0 = time.perf_counter()
-        batch = Batch.from_trajectories(trajs, self.pad_id, self.exp.model.max_seq_len)
+        batch = Batch.from_trajectories(trajs, self.pad_id)
         fast = self.on_policy(batch.mask.shape[0])
         if fast:  # π_old, π_ref and the TIS weights are filled in by each micro-step
             old_logp, ref_logp, old_values = (torch.zeros_like(batch.mask) for _ in range(3))

@@ -30,21 +30,6 @@ def resolve_device(cfg: RuntimeConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def padded_length(n: int, limit: int | None = None, per_octave: int = 16) -> int:
-    """`n` rounded up to one of `per_octave` lengths per power of two (at most 1/per_octave of
-    padding: 200 stays 200, 3000 becomes 3072), but not past `limit` (model.max_seq_len) nor below n.
-
-    Why: on CPU, a training run whose every batch has a new length grew without bound — an SFT run
-    with bf16 autocast on TextWorld conversations of 500–3,000 tokens reached 8 GB after 35 minutes,
-    +200 MB a minute (oneDNN keeps kernels per shape and the allocator fragments between sizes; fp32
-    or a fixed length stayed flat). With lengths from a small recurring set it levels off."""
-    if n <= per_octave:
-        return n
-    step = 1 << max(0, n.bit_length() - per_octave.bit_length())
-    padded = -(-n // step) * step
-    return max(n, min(padded, limit)) if limit else padded
-
-
 def apply_threads(cfg: RuntimeConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -20,7 +20,7 @@ from agents.model import build_model, count_parameters
 from algos.checkpoint import latest_checkpoint, load_learner_state, save_checkpoint
 from algos.config import Experiment
 from algos.metrics import MetricsLogger
-from algos.runtime import init_deepspeed, padded_length, param_dtype, resolve_device, rng_state, set_rng_state
+from algos.runtime import init_deepspeed, param_dtype, resolve_device, rng_state, set_rng_state
 
 IGNORE = -100  # label value the cross-entropy skips
 
@@ -61,9 +61,8 @@ class BucketedBatches:
         return self._batches[i]
 
 
-def collate(examples: list[Example], pad_id: int, device, max_len: int | None = None) -> dict[str, torch.Tensor]:
-    longest = max(len(e.input_ids) for e in examples)
-    width = padded_length(longest, max_len)  # a few recurring shapes (see there)
+def collate(examples: list[Example], pad_id: int, device) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     attn = torch.zeros((len(examples), width), dtype=torch.long)
@@ -127,7 +126,7 @@ def train_sft(exp: Experiment, examples: list[Example], tokenizer, run_dir: str 
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             idx = batches[step * cfg.grad_accum + micro]
-            batch = collate([examples[i] for i in idx], tokenizer.pad_token_id, engine.device, exp.model.max_seq_len)
+            batch = collate([examples[i] for i in idx], tokenizer.pad_token_id, engine.device)
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()

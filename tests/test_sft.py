@@ -70,26 +70,6 @@ def test_loss_mask_covers_only_the_completion(tiny_recipe):
     assert (labels[len(e.input_ids) :] == IGNORE).all()  # padding never trains
 
 
-def test_batches_take_recurring_lengths_and_the_padding_changes_no_loss():
-    from agents.model import build_model
-    from algos.config import ModelConfig
-    from algos.runtime import padded_length
-    from algos.sft import Example
-
-    # one of 16 lengths per power of two, ≤ 1/16 padding: a long run sees a few shapes, not one per batch
-    assert [padded_length(n) for n in (16, 200, 257, 3000, 4096)] == [16, 200, 272, 3072, 4096]
-    assert len({padded_length(n) for n in range(500, 3001)}) <= 48
-    ex = [Example(list(range(3, 260)), [0] * 100 + [1] * 157), Example(list(range(5, 100)), [1] * 95)]
-    batch = collate(ex, 0, "cpu")
-    assert batch["input_ids"].shape == (2, 272) and collate(ex, 0, "cpu", max_len=260)["input_ids"].shape == (2, 260)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(hidden_size=64, num_layers=2, num_heads=2, max_seq_len=512), 300, 0, 1, 2).eval()
-    with torch.no_grad():
-        padded = model(**batch).loss
-        exact = model(**{k: v[:, :257] for k, v in batch.items()}).loss
-    assert torch.allclose(padded, exact, atol=1e-5)
-
-
 def test_sft_lowers_the_loss(tiny_recipe):
     exp, tok, examples, run_dir = _setup(tiny_recipe, "sft.steps=50", "sft.save_every=50", "sft.log_every=5")
     train_sft(exp, examples, tok, run_dir, progress=False)
