@@ -147,11 +147,17 @@ def train(exp: Experiment, resume: bool = False) -> dict:
     return train_rl(exp, init, resume=resume, before=before)
 
 
+def _checkpoint_step(folder: Path) -> int | None:
+    """The step of a run folder's newest complete checkpoint (None: not a run folder, or none yet)."""
+    ck = latest_checkpoint(folder) if (folder / "checkpoints").is_dir() else None
+    return None if ck is None else torch.load(ck / "state.pt", weights_only=False).get("step", 0)
+
+
 def _sft_finished(folder: Path, steps: int) -> bool:
     """A run folder whose newest checkpoint reached `steps`, or any plain policy folder."""
     if (folder / "checkpoints").is_dir():
-        ck = latest_checkpoint(folder)
-        return ck is not None and torch.load(ck / "state.pt", weights_only=False).get("step", 0) >= steps
+        done = _checkpoint_step(folder)
+        return done is not None and done >= steps
     return (folder / "config.json").exists() or (folder / "model" / "config.json").exists()
 
 
@@ -159,11 +165,10 @@ def _refuse_other_finished_sft(folder: Path, steps: int) -> None:
     """Resuming the SFT stage in rl.init_from is for a killed run. A folder whose SFT run finished
     at another sft.steps is someone's finished policy: extending it to `steps` (with a learning-rate
     schedule it was not trained under) would silently replace it."""
-    ck = latest_checkpoint(folder) if (folder / "checkpoints").is_dir() else None
-    if ck is None or not (folder / "config.yaml").exists():
+    done = _checkpoint_step(folder)
+    if done is None or not (folder / "config.yaml").exists():
         return
     saved = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("sft", {}).get("steps")
-    done = torch.load(ck / "state.pt", weights_only=False).get("step", 0)
     if isinstance(saved, int) and saved != steps and done >= saved:
         raise ValueError(f"rl.init_from={str(folder)!r} holds a finished SFT run of {saved} steps, but this recipe "
                          f"asks for sft.steps={steps}: set rl.init_from to a new folder to train that SFT, or "
