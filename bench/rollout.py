@@ -16,6 +16,7 @@ vLLM runs in a child process (its CPU backend pins threads process-wide) and onl
     python bench/rollout.py                 # full table (~1-2 minutes on 2 cores)
     python bench/rollout.py --quick         # smaller, for a smoke check
     python bench/rollout.py --threads 1 --no-vllm
+    python bench/rollout.py --dtype bfloat16  # every backend in bf16 (the engine's decode attention compiled)
 """
 from __future__ import annotations
 
@@ -158,9 +159,9 @@ def vllm_worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     from rollout.vllm_engine import VLLMEngine
 
-    eng = VLLMEngine(spec["folder"], dtype="float32", max_model_len=1024, seed=0)
+    eng = VLLMEngine(spec["folder"], dtype=spec["dtype"], max_model_len=1024, seed=0)
     gen = engine_fn(eng, spec["new_tokens"], sessions=False)
-    gen(spec["prompts"][:4], None)  # warm-up
+    gen(spec["prompts"], None)  # warm-up
     res = {"single": best_of(spec["repeats"], timed_single, gen, spec["prompts"])}
     if spec["multi"]:
         mt = engine_fn(eng, spec["turn_tokens"], sessions=False)
@@ -177,7 +178,7 @@ def run_vllm(model, name: str, prompts, args, multi: bool) -> dict | str:
         return "not installed"
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, safe_serialization=True)
-        spec = {"folder": folder, "prompts": prompts, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        spec = {"folder": folder, "dtype": args.dtype, "prompts": prompts, "new_tokens": args.new_tokens, "repeats": args.repeats,
                 "multi": multi, "turns": args.turns, "turn_tokens": args.turn_tokens, "obs_tokens": args.obs_tokens}
         spec_path = Path(folder) / "spec.json"
         spec_path.write_text(json.dumps(spec))
@@ -210,6 +211,9 @@ def main() -> None:
     ap.add_argument("--multi-model", default="llama-26M", choices=list(MODELS))
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--no-generate-multi", action="store_true", help="skip transformers in the multi-turn rows")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV cache, every backend")
+    ap.add_argument("--compile-attention", default="auto", choices=["auto", "on", "off"],
+                    help="TorchEngine's compiled decode attention (auto: on for bf16 on CPU)")
     ap.add_argument("--vllm-worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.vllm_worker:
@@ -228,13 +232,15 @@ def main() -> None:
     params_of = {}
     for name in args.models:
         model, n_params = build(name)
+        model = model.to(getattr(torch, args.dtype))
         params_of[name] = n_params
         scen = f"{args.prompts}x{args.new_tokens}"
         hf = hf_generate_fn(model, args.new_tokens)
-        eng = TorchEngine(model, pad_token_id=PAD)
+        eng = TorchEngine(model, pad_token_id=PAD, dtype=getattr(torch, args.dtype),
+                          compile_attention={"auto": None, "on": True, "off": False}[args.compile_attention])
         emb = engine_fn(eng, args.new_tokens, sessions=False)
         for gen in (hf, emb):
-            gen(prompts[:4])  # warm-up
+            gen(prompts)  # warm-up (also compiles the engine's kernels for these shapes)
         log(f"{name}: transformers generate, {scen}")
         rows.append(Row(name, scen, "transformers generate", *best_of(args.repeats, timed_single, hf, prompts)))
         log(f"{name}: TorchEngine, {scen}")
@@ -265,7 +271,8 @@ def main() -> None:
                 rows.append(Row(name, mscen, f"{label} (prefix caching)", *res["multi"]))
 
     print(f"\ntorch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads}, "
-          f"{time.strftime('%Y-%m-%d', time.gmtime())}; fp32, sampling T=1 with log-probs, prompt lengths "
+          f"{time.strftime('%Y-%m-%d', time.gmtime())}; {args.dtype}, compiled decode attention "
+          f"{'on' if eng._decoder is not None and eng._decoder.attend_one is not None else 'off'}, sampling T=1 with log-probs, prompt lengths "
           f"{args.prompt_len[0]}-{args.prompt_len[1]}")
     header = (f"| {'model':<18} | {'workload':<34} | {'backend':<26} | {'tokens':>6} | {'s':>6} | {'tokens/s':>8} "
               f"| {'x vs generate':>13} |")

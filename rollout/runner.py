@@ -17,7 +17,7 @@ import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -34,6 +34,12 @@ class RolloutConfig(BaseModel):
     backend: str = Field("torch", pattern="^(torch|vllm)$", description="inference engine of each worker")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where each worker's engine runs; auto = cuda when the worker sees a GPU (Ray gives one "
+        "with gpus_per_worker > 0), else cpu")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="engine weights and KV cache; auto = bfloat16 on cuda, float32 on cpu (the learner "
+        "corrects the sampling/learner log-prob gap with truncated importance sampling)")
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads in a worker; None = its CPUs")
     max_turn_tokens: int = Field(64, ge=1, description="new tokens per turn; a longer turn is cut")
     max_episode_tokens: int | None = Field(None, ge=8, description="conversation budget; None = model.max_seq_len")
@@ -49,6 +55,9 @@ class RolloutConfig(BaseModel):
     def _check(self) -> RolloutConfig:
         if self.constrain_actions and self.backend != "torch":
             raise ValueError("rollout.constrain_actions needs rollout.backend=torch (the vLLM engine decodes freely)")
+        if self.device == "cuda" and self.num_workers > 0 and self.gpus_per_worker == 0:
+            raise ValueError("rollout.device=cuda needs rollout.gpus_per_worker > 0 (Ray hides the GPUs from actors "
+                             "that reserve none)")
         return self
 
 

@@ -40,21 +40,32 @@ class WorkerSpec:
     policy_folder: str  # a save_pretrained folder (model + tokenizer): the starting weights
     env_name: str
     env_options: dict[str, Any]
-    device: str = "cpu"
-    dtype: str = "float32"
     max_episode_tokens: int = 1024
 
 
+def engine_placement(cfg: RolloutConfig) -> tuple[str, str]:
+    """(device, dtype) of this process's engine from `rollout.device` / `rollout.dtype`. Resolved
+    inside the worker: a Ray actor sees a GPU only if it reserved one (gpus_per_worker)."""
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("rollout.device=cuda but this rollout worker sees no GPU (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); set rollout.gpus_per_worker or device=cpu")
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    return device, dtype
+
+
 def make_engine(backend: str, model, tokenizer, spec: WorkerSpec, cfg: RolloutConfig):
+    device, dtype = engine_placement(cfg)
     if backend == "vllm":
         from rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(spec.policy_folder, dtype=spec.dtype, device=spec.device,
-                          max_batch_size=cfg.max_batch_size)
+        return VLLMEngine(spec.policy_folder, dtype=dtype, device=device, max_batch_size=cfg.max_batch_size)
     from rollout.engine import TorchEngine
 
-    return TorchEngine(model, pad_token_id=tokenizer.pad_token_id, device=spec.device,
-                       dtype=getattr(torch, spec.dtype), max_batch_size=cfg.max_batch_size)
+    return TorchEngine(model, pad_token_id=tokenizer.pad_token_id, device=device,
+                       dtype=getattr(torch, dtype), max_batch_size=cfg.max_batch_size)
 
 
 class RolloutWorker:

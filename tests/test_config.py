@@ -52,6 +52,26 @@ def test_impossible_values_fail(tiny_recipe):
     assert load_config("configs/textworld_w2o3q4_ppo.yaml", ["rollout.constrain_actions=true"]).rollout.constrain_actions
 
 
+def test_rollout_placement_defaults_and_refuses_a_gpu_worker_without_a_gpu(tiny_recipe, monkeypatch):
+    import torch
+
+    from rollout.worker import engine_placement
+
+    with pytest.raises(ConfigError, match=r"rollout.device=cuda needs rollout.gpus_per_worker > 0"):
+        load_config(tiny_recipe, ["rollout.device=cuda", "rollout.num_workers=2"])
+    with pytest.raises(ConfigError, match=r"bad value for 'rollout.dtype'.*'fp32'"):
+        load_config(tiny_recipe, ["rollout.dtype=fp32"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert engine_placement(load_config(tiny_recipe).rollout) == ("cpu", "float32")
+    assert engine_placement(load_config(tiny_recipe, ["rollout.dtype=bfloat16"]).rollout) == ("cpu", "bfloat16")
+    gpu_worker = load_config(tiny_recipe, ["rollout.device=cuda", "rollout.gpus_per_worker=1"]).rollout
+    with pytest.raises(RuntimeError, match="rollout.device=cuda but this rollout worker sees no GPU"):
+        engine_placement(gpu_worker)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what a worker holding a GPU sees
+    assert engine_placement(load_config(tiny_recipe).rollout) == ("cuda", "bfloat16")
+    assert engine_placement(gpu_worker) == ("cuda", "bfloat16")
+
+
 def test_unknown_env_name_suggests(tiny_recipe):
     with pytest.raises(ConfigError, match=r"unknown env.name 'countdwn'.*did you mean 'countdown'"):
         load_config(tiny_recipe, ["env.name=countdwn"])
