@@ -280,8 +280,6 @@ def _compiled_decode_attention(dtype: torch.dtype):
     if dtype not in _COMPILED_ATTENTION:
         fn = None
         try:
-            import torch._dynamo
-
             compiled = torch.compile(_decode_attention, dynamic=True, fullgraph=True)
             g = torch.Generator().manual_seed(0)  # leave the global RNG alone
             q = torch.randn(3, 4, 1, 32, generator=g).to(dtype)
@@ -327,7 +325,7 @@ class _LlamaDecoder:
         p = next(model.parameters())
         self.onednn = p.device.type == "cpu" and _onednn_linear_works(p.dtype)
         # Decode steps (one query per row) may use the compiled attention; None = on CPU in bf16/fp16,
-        # where torch's SDPA is slowest (26M model: 1.5x the engine's tokens/s in bf16; in fp32 +2%,
+        # where torch's SDPA is slowest (26M model: 1.6x the engine's tokens/s in bf16; in fp32 +2%,
         # and -13% on a 1M model from the compiled call's overhead). CUDA keeps SDPA; so does prefill.
         if compile_attention is None:
             compile_attention = p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16)

@@ -1,8 +1,11 @@
 """The command line end to end on a tiny recipe, its error messages, and the README/CI contract."""
 import json
+import os
 import re
 import subprocess
 import sys
+
+import pytest
 
 from conftest import REPO
 
@@ -70,6 +73,22 @@ def test_cli_help_lists_the_subcommands():
                          cwd=REPO, check=True).stdout
     for sub in ("gen-data", "sft", "train", "eval"):
         assert sub in out
+
+
+@pytest.mark.skipif(launch._mimalloc_env({}) is None, reason="cmeel-mimalloc is not installed (Linux x86-64 only)")
+def test_command_line_reruns_itself_with_mimalloc_and_torch_trains_under_it():
+    env = launch._mimalloc_env({"PATH": "/usr/bin:/bin"})
+    assert env["LD_PRELOAD"].endswith("libmimalloc.so")
+    assert launch._mimalloc_env(env) is None  # the re-run does not loop
+    assert launch._mimalloc_env({"TURNSTILE_MALLOC": "system"}) is None
+    assert launch._mimalloc_env({"LD_PRELOAD": "/x/libfoo.so"})["LD_PRELOAD"].endswith(":/x/libfoo.so")
+    # the re-run has the library mapped, and torch trains under it
+    code = ("import sys, torch; sys.path.insert(0, '.'); import launch; launch._rerun_with_mimalloc()\n"
+            "m = torch.nn.Linear(64, 64); m(torch.randn(8, 64)).sum().backward()\n"
+            "print('mapped' if 'libmimalloc' in open('/proc/self/maps').read() else 'missing', m.weight.grad.shape)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
+                         env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
+    assert out.stdout.split() == ["mapped", "torch.Size([64,", "64])"], out.stdout + out.stderr
 
 
 def test_train_refuses_to_extend_a_finished_sft_run(tiny_recipe, tmp_path, capsys):
