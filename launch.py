@@ -30,8 +30,8 @@ def _mimalloc_env(environ: dict[str, str]) -> dict[str, str] | None:
     if sys.platform != "linux" or environ.get("TURNSTILE_MALLOC", "mimalloc") != "mimalloc":
         return None
     preload = environ.get("LD_PRELOAD", "")
-    if "libmimalloc" in preload:
-        return None  # already preloaded (this is the re-run)
+    if any(lib in preload for lib in ("libmimalloc", "libjemalloc", "libtcmalloc")):
+        return None  # the re-run, or the user preloads an allocator of their own (as vLLM-CPU's docs advise)
     try:
         from importlib.metadata import PackageNotFoundError, distribution
 

@@ -82,6 +82,7 @@ def test_command_line_reruns_itself_with_mimalloc_and_torch_trains_under_it():
     assert launch._mimalloc_env(env) is None  # the re-run does not loop
     assert launch._mimalloc_env({"TURNSTILE_MALLOC": "system"}) is None
     assert launch._mimalloc_env({"LD_PRELOAD": "/x/libfoo.so"})["LD_PRELOAD"].endswith(":/x/libfoo.so")
+    assert launch._mimalloc_env({"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}) is None  # the user's own
     # the re-run has the library mapped, and torch trains under it
     code = ("import sys, torch; sys.path.insert(0, '.'); import launch; launch._rerun_with_mimalloc()\n"
             "m = torch.nn.Linear(64, 64); m(torch.randn(8, 64)).sum().backward()\n"
