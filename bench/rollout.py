@@ -178,8 +178,8 @@ def run_vllm(model, name: str, prompts, args, multi: bool) -> dict | str:
         return "not installed"
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, safe_serialization=True)
-        spec = {"folder": folder, "dtype": args.dtype, "prompts": prompts, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                "multi": multi, "turns": args.turns, "turn_tokens": args.turn_tokens, "obs_tokens": args.obs_tokens}
+        spec = {"folder": folder, "dtype": args.dtype, "prompts": prompts, "new_tokens": args.new_tokens,
+                "repeats": args.repeats, "multi": multi, "turns": args.turns, "turn_tokens": args.turn_tokens, "obs_tokens": args.obs_tokens}
         spec_path = Path(folder) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=str(args.threads),
@@ -211,7 +211,8 @@ def main() -> None:
     ap.add_argument("--multi-model", default="llama-26M", choices=list(MODELS))
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--no-generate-multi", action="store_true", help="skip transformers in the multi-turn rows")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV cache, every backend")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights and KV cache, every backend")
     ap.add_argument("--compile-attention", default="auto", choices=["auto", "on", "off"],
                     help="TorchEngine's compiled decode attention (auto: on for bf16 on CPU)")
     ap.add_argument("--vllm-worker", metavar="SPEC", help=argparse.SUPPRESS)
@@ -270,10 +271,10 @@ def main() -> None:
             if multi:
                 rows.append(Row(name, mscen, f"{label} (prefix caching)", *res["multi"]))
 
+    compiled = "on" if eng._decoder is not None and eng._decoder.attend_one is not None else "off"
     print(f"\ntorch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads}, "
-          f"{time.strftime('%Y-%m-%d', time.gmtime())}; {args.dtype}, compiled decode attention "
-          f"{'on' if eng._decoder is not None and eng._decoder.attend_one is not None else 'off'}, sampling T=1 with log-probs, prompt lengths "
-          f"{args.prompt_len[0]}-{args.prompt_len[1]}")
+          f"{time.strftime('%Y-%m-%d', time.gmtime())}; {args.dtype}, compiled decode attention {compiled}, "
+          f"sampling T=1 with log-probs, prompt lengths {args.prompt_len[0]}-{args.prompt_len[1]}")
     header = (f"| {'model':<18} | {'workload':<34} | {'backend':<26} | {'tokens':>6} | {'s':>6} | {'tokens/s':>8} "
               f"| {'x vs generate':>13} |")
     print(header)

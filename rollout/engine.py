@@ -271,6 +271,11 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     return o.reshape(n, H, 1, D).to(dtype)
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """torch's attention with `_decode_attention`'s signature: q [n, H, t, D], k/v [n, KV, T, D]."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
 _COMPILED_ATTENTION: dict[torch.dtype, object] = {}  # dtype -> compiled function, or None if it failed
 
 
@@ -286,7 +291,7 @@ def _compiled_decode_attention(dtype: torch.dtype):
             k, v = (torch.randn(3, 2, 7, 32, generator=g).to(dtype) for _ in range(2))
             bias = torch.zeros(3, 1, 1, 7, dtype=dtype)
             bias[0, ..., :3] = float("-inf")
-            ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.2, enable_gqa=True)
+            ref = _sdpa(q, k, v, bias, 0.2)
             tol = 1e-5 if dtype == torch.float32 else 2e-2
             if torch.allclose(compiled(q, k, v, bias, 0.2), ref, atol=tol, rtol=tol):
                 fn = compiled
@@ -393,6 +398,8 @@ class _LlamaDecoder:
         # rotate_half(v) * sin == roll(v, D/2) * sin with the first half of sin negated
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         cos, sin = cos[:, :, None], sin[:, :, None]  # [n, t, 1, D]: broadcast over heads
+        # decode steps (one query per row) may take the compiled kernel; prefill always SDPA
+        attend = self.attend_one if t == 1 and self.attend_one is not None else _sdpa
         for (w_in, eps_in, w_qkv, b_qkv, w_o, b_o, w_post, eps_post, ffn, w_down, b_down, scale), layer in zip(
             self.layers, kv_layers
         ):
@@ -402,21 +409,11 @@ class _LlamaDecoder:
             qk = qkv[:, :, : H + KV]
             qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin).transpose(1, 2)  # [n, H + KV, t, D]
             keys, values = layer.update(qk[:, H:], qkv[:, :, H + KV :].transpose(1, 2))
-            if t == 1 and self.attend_one is not None:
-                q = qk[:, :H]
-                o = self.attend_one(q, keys, values, mask, scale) if segments is None else torch.cat([
-                    self.attend_one(q[a:b], keys[a:b, :, c:], values[a:b, :, c:], mask[a:b, :, :, c:], scale)
-                    for a, b, c in segments
-                ])
-            elif segments is None:
-                o = F.scaled_dot_product_attention(qk[:, :H], keys, values, attn_mask=mask, scale=scale,
-                                                   enable_gqa=H != KV)
-            else:
-                o = torch.cat([
-                    F.scaled_dot_product_attention(qk[a:b, :H], keys[a:b, :, c:], values[a:b, :, c:],
-                                                   attn_mask=mask[a:b, :, :, c:], scale=scale, enable_gqa=H != KV)
-                    for a, b, c in segments
-                ])
+            q = qk[:, :H]
+            o = attend(q, keys, values, mask, scale) if segments is None else torch.cat([
+                attend(q[a:b], keys[a:b, :, c:], values[a:b, :, c:], mask[a:b, :, :, c:], scale)
+                for a, b, c in segments
+            ])
             o = o.transpose(1, 2).reshape(n, t, H * D)
             if onednn:
                 x = lp_binary(o, x, w_o, b_o, "add")  # x + o_proj(o)

@@ -20,8 +20,8 @@ detour left (textworld's policy_commands), so the policy learns to recover. A de
 the game, or whose recovery does not win within max_turns, is dropped and the demo is the plain
 walkthrough.
 
-`prompt` / `completion` / `action_spans` come from flatten_demo(): one text in which each action follows a "> " line prefix, for trainers
-that take a single prompt and completion.
+`prompt` / `completion` / `action_spans` come from flatten_demo(): one text in which each action
+follows a "> " line prefix, for trainers that take a single prompt and completion.
 """
 
 from __future__ import annotations
