@@ -6,13 +6,14 @@ checkpoint folder runs under the embedded engine, transformers and vLLM.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-# vLLM's CPU attention kernels accept only these head sizes (see docs/FACTS): a policy we train
+# vLLM's CPU attention kernels accept only these head sizes (docs/rollout.md): a policy we train
 # here must be servable there too.
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
@@ -68,3 +69,22 @@ def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+class PolicyLoadError(RuntimeError):
+    """A policy folder that cannot be read; the message names the folder and what is wrong."""
+
+
+def load_pretrained(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) in eval mode from a `save_pretrained` folder (weights, config, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise PolicyLoadError(f"{folder} holds no model (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    except Exception as e:  # corrupt weights, truncated json, missing tokenizer files...
+        raise PolicyLoadError(f"cannot load the policy in {folder}: {type(e).__name__}: {e}") from None
+    return model.eval(), tokenizer

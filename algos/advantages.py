@@ -21,10 +21,43 @@ dependent baseline b − C_k, C_k = the rewards already earned before token k (a
 past, so still unbiased): G_k − (b − C_k) = R − b. It matters with dense rewards, where G_k ≤ R
 makes every token after the first progress look worse than the group mean even in a group that
 all won (docs/rl.md).
+
+`compute_advantages` is the one place that dispatches on `rl.algo`.
 """
 from __future__ import annotations
 
 import torch
+
+
+def compute_advantages(algo: str, rewards: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None,
+                       groups: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages A, value targets R) [E, T], zero off the policy's tokens.
+
+    rewards, mask [E, T] (mask: 1 on the policy's tokens; each episode's time steps are its policy
+    tokens, in order — observation tokens between turns are skipped, not steps); values [E, T] the
+    critic's V_old (PPO; None otherwise); groups [E] the task of each episode; cfg the RLConfig.
+    """
+    steps = [m.nonzero().flatten() for m in mask]  # per episode: the positions of a_1 … a_N
+    adv, ret = torch.zeros_like(mask), torch.zeros_like(mask)
+    if algo == "ppo":
+        for i, idx in enumerate(steps):
+            adv[i, idx], ret[i, idx] = gae(rewards[i, idx], values[i, idx], cfg.gamma, cfg.lam)
+        if cfg.normalize_advantages:  # whiten over every policy token of the batch
+            on = mask.bool()
+            mean, std = adv[on].mean(), adv[on].std(unbiased=False)
+            adv = torch.where(on, (adv - mean) / (std + 1e-6), adv)
+        return adv, ret
+    if algo not in ("grpo", "rloo"):
+        raise ValueError(f"unknown rl.algo {algo!r}; use 'ppo', 'grpo' or 'rloo'")
+    episode_returns = rewards.sum(-1)  # R^(i)
+    baseline, scale = group_baselines(episode_returns, groups, algo, cfg.std_normalize)
+    for i, idx in enumerate(steps):
+        if cfg.group_credit == "episode":
+            g = episode_returns[i].expand(idx.numel())  # R in place of G_k (see the module docstring)
+        else:
+            g = returns_to_go(rewards[i, idx], cfg.gamma)  # G_k
+        adv[i, idx] = (g - baseline[i]) / scale[i]
+    return adv, ret  # no critic: ret stays 0 (nothing regresses on it)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:

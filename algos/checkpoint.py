@@ -3,6 +3,7 @@
 Layout of one checkpoint (`<run>/checkpoints/step_0000200/`):
     model/     save_pretrained weights + config + tokenizer (what eval, vLLM and users load)
     learner/   the DeepSpeed checkpoint: (ZeRO-partitioned) weights, optimizer, LR scheduler
+    critic/    the same for PPO's critic (its own engine and optimizer)
     state.pt   step, data cursor, RNG states, anything the loop needs to continue
     COMPLETE   written last: a checkpoint without it was cut off mid-save and is ignored
 `<run>/checkpoints/latest` names the newest complete one.
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from agents.model import PolicyLoadError, load_pretrained
+from algos.runtime import full_state_dict
 
 COMPLETE = "COMPLETE"
 
@@ -33,13 +37,18 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, engine, tokenizer, state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, engine, tokenizer, state: dict[str, Any], keep: int,
+                    critic=None) -> Path:
+    """Write checkpoint `step` (the policy's engine, and PPO's critic engine when given); COMPLETE
+    and the `latest` pointer come last, so a save cut off midway is never resumed from."""
     root = checkpoint_root(run_dir)
     ck = root / f"step_{step:07d}"
     if ck.exists():
         shutil.rmtree(ck)
     ck.mkdir(parents=True)
     engine.save_checkpoint(str(ck / "learner"), tag="state")
+    if critic is not None:
+        critic.save_checkpoint(str(ck / "critic"), tag="state")
     save_policy(engine, tokenizer, ck / "model")
     torch.save(state, ck / "state.pt")
     (ck / COMPLETE).touch()
@@ -51,16 +60,8 @@ def save_checkpoint(run_dir: str | Path, step: int, engine, tokenizer, state: di
 
 
 def save_policy(engine, tokenizer, folder: Path) -> None:
-    """save_pretrained of the engine's policy; under ZeRO-3 the shards are gathered first."""
-    module = getattr(engine.module, "policy", engine.module)  # RL trains an ActorCritic around it
-    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-        module.save_pretrained(folder, state_dict=state)
-    else:
-        module.save_pretrained(folder)
+    """save_pretrained of the engine's policy (its weights gathered first under ZeRO-3)."""
+    engine.module.save_pretrained(folder, state_dict=full_state_dict(engine))
     tokenizer.save_pretrained(folder)
 
 
@@ -75,13 +76,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_learner_state(ck: Path, engine) -> dict[str, Any]:
-    """Restore weights/optimizer/scheduler into `engine`; return the loop state saved beside them."""
+def load_learner_state(ck: Path, engine, critic=None) -> dict[str, Any]:
+    """Restore weights/optimizer/scheduler into `engine` (and `critic`); return the loop state
+    saved beside them."""
     if not (ck / COMPLETE).exists():
         raise CheckpointError(f"{ck} is not a complete checkpoint (no {COMPLETE} marker)")
-    path, _ = engine.load_checkpoint(str(ck / "learner"), tag="state")
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load the learner state under {ck / 'learner'}")
+    for name, eng in (("learner", engine), ("critic", critic)):
+        if eng is None:
+            continue
+        path, _ = eng.load_checkpoint(str(ck / name), tag="state")
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load the {name} state under {ck / name}")
     return torch.load(ck / "state.pt", weights_only=False)
 
 
@@ -104,12 +109,7 @@ def policy_folder(path: str | Path) -> Path:
 
 def load_policy(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from any folder `policy_folder` accepts, with a clear error if unreadable."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = policy_folder(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
-    except Exception as e:  # corrupt weights, truncated json, missing tokenizer files...
-        raise CheckpointError(f"cannot load the policy in {folder}: {type(e).__name__}: {e}") from None
-    return model.eval(), tokenizer
+        return load_pretrained(policy_folder(path), device=device, dtype=dtype)
+    except PolicyLoadError as e:
+        raise CheckpointError(str(e)) from None

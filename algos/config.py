@@ -17,7 +17,6 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 import envs
-from agents.formats import format_for
 from agents.model import ModelConfig
 from agents.tokenizer import TokenizerConfig
 from rollout.runner import RolloutConfig
@@ -41,31 +40,20 @@ class RuntimeConfig(_Section):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = torch's default")
 
 
-class DemoConfig(_Section):
-    """Which expert demonstrations SFT imitates (the env package writes them).
+class DemoConfig(BaseModel):
+    """Which expert demonstrations SFT imitates: how many, and the env's own options.
 
-    Only the keys a recipe sets are passed to the env's demonstrations(); the defaults below are
-    Countdown's own. TextWorld demos are walkthroughs and take only `mistakes`.
+    `num_examples` is every env's; the other keys belong to the env's demonstration builder and
+    are checked against its schema (envs.spec(name).demo_options, e.g. Countdown's strategies,
+    TextWorld's mistakes) by load_config. Only the keys a recipe sets reach the builder.
     """
 
+    model_config = ConfigDict(extra="allow")
     num_examples: int = Field(20_000, ge=1, description="demonstrations, one per train task")
-    # Countdown: "sos" = streams of search, "optimal" = the solution path only (the paper's baseline)
-    format: Literal["sos", "optimal"] = "sos"
-    # The searches a "sos" stream is written by, each picked at random per problem (the paper: all)
-    strategies: list[Literal["dfs", "bfs"]] = ["dfs", "bfs"]
-    heuristics: list[Literal["sum", "mult"]] = ["sum", "mult"]
-    beams: list[int] = [1, 2, 3, 4, 5]
-    # The fraction of demos with one mistake in the context, not trained on, so the policy learns
-    # to recover: Countdown splices in a rejected move and the env's "Invalid action" reply;
-    # TextWorld takes one random admissible detour and the game's planner recovers from it
-    mistakes: float = Field(0.0, ge=0, le=1)
 
     def options(self) -> dict:
-        """Keyword arguments of TaskSource.demonstrations: the keys the recipe set."""
-        opts = self.model_dump(exclude_unset=True, exclude={"num_examples"})
-        if opts.get("format", "sos") != "sos":  # only streams of search are written by a search
-            opts = {k: opts[k] for k in ("format", "mistakes") if k in opts}
-        return opts
+        """The env-specific keys the recipe set (keyword arguments of the env's builder)."""
+        return dict(self.model_extra or {})
 
 
 class SFTConfig(_Section):
@@ -80,13 +68,17 @@ class SFTConfig(_Section):
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     log_every: int = Field(10, ge=1)
-    eval_every: int = Field(0, ge=0, description="held-out eval every N steps; 0 = only at the end")
-    eval_tasks: int = Field(200, ge=1, description="held-out tasks in the periodic eval")
+    eval_every: int = Field(0, ge=0, description="eval on the valid split every N steps; 0 = none "
+                            "(the test split eval.split is played once, at the end)")
+    eval_tasks: int = Field(200, ge=1, description="valid-split tasks in the periodic eval")
     save_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
 
 
 class EvalConfig(_Section):
+    """The final evaluation: a test split (never `valid`, which periodic evals and tuning read)
+    or a user's task file."""
+
     split: str = "heldout_unseen"
     num_tasks: int | None = Field(None, ge=1, description="None = the whole split")
     problems_file: str | None = Field(None, description="a JSONL file of tasks to run instead of a split")
@@ -120,11 +112,13 @@ class RLConfig(_Section):
     epochs: int = Field(1, ge=1, description="passes over each collected batch")
     minibatch_size: int = Field(64, ge=1, description="episodes per optimizer step")
     micro_batch_size: int = Field(16, ge=1, description="episodes per forward/backward")
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(1e-4, gt=0, description="the policy's learning rate")
+    critic_lr: float | None = Field(None, gt=0, description="PPO's critic (its own optimizer); None = rl.lr")
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = Field(1.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="the policy's gradient-norm clip; 0 disables")
+    critic_grad_clip: float | None = Field(None, ge=0, description="the critic's own clip; None = rl.grad_clip")
     clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip ε")
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ (PPO)")
@@ -137,10 +131,10 @@ class RLConfig(_Section):
         "R (episode: the dense rewards earned before the token join the baseline, so a group that all won "
         "gives every token 0 instead of pushing down the tokens after the first progress)")
     loss_aggregation: Literal["token", "episode"] = Field(
-        "token", description="average per-token losses over all policy tokens of a micro-batch (token) or "
+        "token", description="average per-token losses over all policy tokens of a mini-batch (token) or "
         "per episode, then over episodes (episode: a long failed episode weighs no more than a short win)")
-    kl_coef: float = Field(0.0, ge=0, description="KL to the frozen start policy; 0 frees the reference")
-    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_coef: float = Field(0.0, ge=0, description="KL(π_θ ‖ π_ref) to the frozen start policy (its gradient is "
+                           "exact: algos/losses.py); 0 frees the reference")
     entropy_coef: float = Field(0.0, ge=0)
     tis_cap: float = Field(2.0, ge=0, description="truncated importance weight cap C; 0 disables")
     eval_every: int = Field(10, ge=0, description="held-out eval every N iterations; 0 = start and end only")
@@ -158,6 +152,19 @@ class RLConfig(_Section):
         if self.micro_batch_size > self.minibatch_size:
             raise ValueError("rl.micro_batch_size must be ≤ rl.minibatch_size")
         return self
+
+
+def rl_sampling_error(rollout: RolloutConfig) -> str | None:
+    """Why RL cannot learn from episodes sampled with these settings, or None. The learner scores
+    softmax(logits / rollout.temperature), the distribution the engine sampled from; greedy play has
+    no such distribution, and top-p's renormalised nucleus is not scored by the learner."""
+    if rollout.temperature == 0:
+        return ("rl needs sampled episodes: rollout.temperature must be > 0 (0 is greedy; the learner scores "
+                "softmax(logits / rollout.temperature))")
+    if rollout.top_p < 1:
+        return (f"rl does not score top-p sampling: set rollout.top_p to 1 (got {rollout.top_p}); the learner's "
+                "log-probs, ratios and KL are those of softmax(logits / rollout.temperature) over the whole vocabulary")
+    return None
 
 
 class EnvSection(BaseModel):
@@ -187,6 +194,8 @@ class Experiment(_Section):
     def _check_cross_section(self) -> Experiment:
         if self.runtime.offload_optimizer and self.runtime.zero_stage == 0:
             raise ValueError("runtime.offload_optimizer needs runtime.zero_stage ≥ 1")
+        if self.rl is not None and rl_sampling_error(self.rollout):
+            raise ValueError(rl_sampling_error(self.rollout))
         if "reward_density" in (self.env.model_extra or {}):
             raise ValueError("set the reward density with reward.density (one switch for every algorithm), "
                              "not env.reward_density")
@@ -203,31 +212,9 @@ class ConfigError(ValueError):
     """A config that cannot run; the message says which key, where from, and what is wrong."""
 
 
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """The valid keys of the section at `loc` (for 'did you mean')."""
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return list(model.model_fields)
-
-
-def _describe(err: dict, schema: type[BaseModel], prefix: tuple, origin) -> str:
-    loc = prefix + tuple(str(p) for p in err["loc"])
-    key = ".".join(loc)
-    where = origin(key)
-    if err["type"] == "extra_forbidden":
-        valid = _fields_at(schema, tuple(err["loc"][:-1]))
-        close = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1, cutoff=0.5)
-        hint = f"; did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else ""
-        return f"unknown key '{key}' ({where}){hint} Valid keys here: {', '.join(valid)}"
-    if err["type"] == "missing":
-        return f"missing key '{key}' ({where})"
-    got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"bad value for '{key}' ({where}): {msg}{got}" if loc else f"{where}: {msg}"
+def _describe(err: dict, schema: type[BaseModel], prefix: tuple, origin, extra_keys: tuple[str, ...] = ()) -> str:
+    return envs.describe_error(err, schema, prefix, origin(".".join(prefix + tuple(map(str, err["loc"])))),
+                               extra_keys)
 
 
 def _read_recipe(path: Path, chain: tuple[Path, ...] = ()):
@@ -286,7 +273,14 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         env_schema.model_validate(exp.env_options())
     except ValidationError as e:
         raise ConfigError("\n".join(_describe(err, env_schema, ("env",), origin) for err in e.errors())) from None
-    if exp.rollout.constrain_actions and not format_for(exp.env.name).lists_choices:
+    # So are the env's demonstration options (sft.demos besides num_examples).
+    demo_schema = envs.spec(exp.env.name).demo_options
+    try:
+        demo_schema.model_validate(exp.sft.demos.options())
+    except ValidationError as e:
+        raise ConfigError("\n".join(_describe(err, demo_schema, ("sft", "demos"), origin, ("num_examples",))
+                                     for err in e.errors())) from None
+    if exp.rollout.constrain_actions and not envs.format_for(exp.env.name).lists_choices:
         raise ConfigError(f"bad value for 'rollout.constrain_actions' ({origin('rollout.constrain_actions')}): "
                           f"env '{exp.env.name}' lists no admissible actions to constrain decoding to")
     return exp

@@ -3,38 +3,34 @@
 Single-turn environments (Countdown streams) are evaluated in one batched generation: every
 prompt goes to the engine together, then each completion is scored by the environment.
 Multi-turn environments are played by the episode runner (rollout/runner.py), greedy, and
-summarised by `episode_summary` — the same summary the RL loop logs for its held-out evals.
+summarised by `summarize` — the same summary the RL loop logs for training and held-out evals.
 """
 from __future__ import annotations
 
 import json
-import re
 import time
-from collections import Counter
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 import envs
-from agents.formats import format_for
 from algos.config import EvalConfig
 from rollout.engine import SamplingParams, TorchEngine
+from rollout.runner import EpisodeRunner
 
 
-def failure_kind(reason: str) -> str:
-    """A verdict's reason without its particulars: "operation N: wrong arithmetic", ..."""
-    kind = re.sub(r"'[^']*\d[^']*'", "", reason)  # quoted model text (it holds numbers)
-    kind = re.sub(r"\d+", "N", re.sub(r"\[[^\]]*\]", "[…]", kind))
-    parts = re.split(r": (?=(?:[^']*'[^']*')*[^']*$)", kind)  # ': ' outside quotes
-    return re.sub(r"\s+", " ", ": ".join(parts[:2])).strip() or "unknown"
+def engine_for(model, tokenizer, cfg: EvalConfig) -> TorchEngine:
+    """An embedded engine around `model` as it is (its device and dtype), batched by eval.batch_size."""
+    p = next(model.parameters())
+    return TorchEngine(model, tokenizer.pad_token_id, device=p.device, dtype=p.dtype, max_batch_size=cfg.batch_size)
 
 
 def evaluate_policy(model, tokenizer, env_name: str, env_options: dict, tasks: list[dict], cfg: EvalConfig,
                     progress: bool = True, desc: str = "eval") -> tuple[dict, list[dict]]:
-    """(summary metrics, one record per task)."""
+    """(summary metrics, one record per task); the env's own eval_stats join the summary."""
     if not tasks:
         raise ValueError("no tasks to evaluate")
-    fmt = format_for(env_name)
+    fmt = envs.format_for(env_name)
     env = envs.make(env_name, **env_options)
     observations, prompts = [], []
     for task in tasks:
@@ -42,9 +38,7 @@ def evaluate_policy(model, tokenizer, env_name: str, env_options: dict, tasks: l
         observations.append(obs)
         prompts.append([tokenizer.bos_token_id] + tokenizer.encode(fmt.prompt(obs), add_special_tokens=False))
 
-    dtype = next(model.parameters()).dtype
-    engine = TorchEngine(model, tokenizer.pad_token_id, device=next(model.parameters()).device, dtype=dtype,
-                         max_batch_size=cfg.batch_size)
+    engine = engine_for(model, tokenizer, cfg)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             stop_token_ids=(tokenizer.eos_token_id,), seed=0)
     completions, gen_seconds = [], 0.0
@@ -65,7 +59,6 @@ def evaluate_policy(model, tokenizer, env_name: str, env_options: dict, tasks: l
                         "tokens": len(comp.token_ids), "finish_reason": comp.finish_reason, "completion": text})
     n = len(records)
     gen_tokens = sum(r["tokens"] for r in records)
-    failures = Counter(failure_kind(r["reason"]) for r in records if not r["won"])
     summary = {
         "tasks": n,
         "accuracy": sum(r["won"] for r in records) / n,
@@ -74,51 +67,61 @@ def evaluate_policy(model, tokenizer, env_name: str, env_options: dict, tasks: l
         "truncated": sum(r["finish_reason"] == "length" for r in records) / n,
         "tokens_per_s": gen_tokens / max(gen_seconds, 1e-9),
         "seconds": gen_seconds,
-        "top_failures": dict(failures.most_common(5)),
     }
-    return summary, records
+    return {**summary, **env_eval_stats(env_name, records)}, records
 
 
-def episode_summary(trajs, stats: dict) -> tuple[dict, list[dict]]:
-    """(summary, records) of played episodes; infra-error episodes are counted, not scored."""
+def env_eval_stats(env_name: str, records: list[dict]) -> dict:
+    """The statistics only the env knows how to compute from an evaluation's records."""
+    stats = envs.spec(env_name).eval_stats
+    return stats(records) if stats is not None else {}
+
+
+def summarize(trajs, stats: dict) -> dict:
+    """What a set of played episodes did: the RL loop's training metrics and every held-out eval
+    of episodes. Infra-error episodes are counted, never scored."""
     scored = [t for t in trajs if not t.infra_error]
     n = max(len(scored), 1)
     policy_tokens = sum(t.num_policy_tokens for t in scored)
-    records = [{"task": t.task, "won": t.won, "return": t.episode_return, "turns": t.turns,
-                "policy_tokens": t.num_policy_tokens, "truncated": t.truncated, "infra_error": t.infra_error}
-               for t in trajs]
-    summary = {
+    generate_s, env_s = stats.get("generate_s", 0.0), stats.get("env_s", 0.0)
+    return {
         "tasks": len(scored),
         "accuracy": sum(t.won for t in scored) / n,
         "mean_return": sum(t.episode_return for t in scored) / n,
         "mean_turns": sum(t.turns for t in scored) / n,
-        "mean_tokens": policy_tokens / n,
+        "mean_tokens": policy_tokens / n,  # the policy's tokens per episode
+        "episode_tokens": sum(len(t.token_ids) for t in scored) / n,  # the whole conversation's
+        "policy_tokens": float(policy_tokens),
         "truncated": sum(t.truncated is not None for t in scored) / n,
+        "cut_turns": float(sum(t.cut_turns for t in scored)),
         "infra_errors": len(trajs) - len(scored),
-        "tokens_per_s": policy_tokens / max(stats.get("generate_s", 0.0), 1e-9),
-        "seconds": stats.get("generate_s", 0.0) + stats.get("env_s", 0.0),
+        "tokens_per_s": policy_tokens / max(generate_s, 1e-9),
+        "generate_s": generate_s,
+        "env_s": env_s,
+        "seconds": generate_s + env_s,
     }
-    return summary, records
+
+
+def episode_records(trajs) -> list[dict]:
+    """One record per played episode (the eval files' `records`)."""
+    return [{"task": t.task, "won": t.won, "return": t.episode_return, "turns": t.turns,
+             "policy_tokens": t.num_policy_tokens, "truncated": t.truncated, "infra_error": t.infra_error}
+            for t in trajs]
 
 
 def evaluate_episodes(model, tokenizer, env_name: str, env_options: dict, tasks: list[dict], cfg: EvalConfig,
                       rollout_cfg, max_episode_tokens: int) -> tuple[dict, list[dict]]:
     """Play each task once, greedy (eval.temperature), in this process; multi-turn envs."""
-    from rollout.runner import EpisodeRunner
-
     if not tasks:
         raise ValueError("no tasks to evaluate")
-    dtype = next(model.parameters()).dtype
-    engine = TorchEngine(model, tokenizer.pad_token_id, device=next(model.parameters()).device, dtype=dtype,
-                         max_batch_size=cfg.batch_size)
-    env_cfg = envs.validate_config(env_name, env_options)
-    runner = EpisodeRunner(engine, tokenizer, lambda: envs.make(env_name, env_cfg), format_for(env_name),
-                           rollout_cfg, max_episode_tokens)
+    engine = engine_for(model, tokenizer, cfg)
+    runner = EpisodeRunner.for_env(engine, tokenizer, env_name, env_options, rollout_cfg, max_episode_tokens)
     try:
         trajs, stats = runner.play(tasks, 1, seed=0, temperature=cfg.temperature)
     finally:
         runner.close()
-    return episode_summary(trajs, stats.as_dict())
+    records = episode_records(trajs)
+    return {**summarize(trajs, stats.as_dict()), **env_eval_stats(env_name, records)}, records
 
 
 def print_summary(title: str, rows: dict[str, dict]) -> None:

@@ -1,14 +1,24 @@
-"""The RL learner: turns a batch of trajectories into one policy update on a DeepSpeed engine.
+"""The RL learner: turns a batch of trajectories into one policy update on DeepSpeed engines.
 
     update(trajectories):
+        0. infra-error episodes are dropped (they are counted by the loop, never scored)
         1. one no-grad pass: log π_old (the learner's own log-probs before the update), the critic's
-           values V_old (PPO) and log π_ref (when kl_coef > 0). Skipped when the update is exactly
-           on-policy (GRPO/RLOO, one epoch, one mini-batch: no optimizer step happens before the
-           last forward, so π_old is the gradient pass's own log-probs, detached; π_ref is then
-           computed next to each micro-batch)
-        2. advantages (algos/advantages.py): GAE for PPO, group baselines for GRPO / RLOO
-        3. `epochs` passes of shuffled mini-batches (`minibatch_size` episodes per optimizer step,
-           `micro_batch_size` per forward; DeepSpeed accumulates), losses from algos/losses.py
+           values V_old (PPO) and log π_ref (when kl_coef > 0), and the TIS weights — all stored on
+           the `Batch`. Skipped when the update is exactly on-policy (GRPO/RLOO, one epoch, one
+           mini-batch: no optimizer step happens before the last forward, so π_old is the gradient
+           pass's own log-probs, detached; π_ref is then computed next to each micro-batch)
+        2. advantages and value targets (algos/advantages.py: where PPO, GRPO and RLOO differ)
+        3. `epochs` passes of shuffled mini-batches, one optimizer step each: the loss weights are
+           normalised over the whole mini-batch, which is cut into micro-batches of at most
+           `micro_batch_size` episodes whose gradients add up (the last one marks the accumulation
+           boundary), so the step does not depend on the micro-batch size. Losses: algos/losses.py
+
+The policy and PPO's critic are two DeepSpeed engines, each with its own optimizer, learning rate
+(rl.lr, rl.critic_lr) and gradient clip (rl.grad_clip, rl.critic_grad_clip): a large value
+gradient cannot shrink the policy step.
+
+The learner scores the distribution the engine sampled from, softmax(logits / rollout.temperature)
+(log-probs, ratios, KL and entropy alike); top-p sampling is refused for RL (algos/config.py).
 
 Token alignment: the logits at position t predict token t+1, so every per-token array is used
 shifted by one (`[:, 1:]`): the mask says which predicted tokens the policy wrote. Tokens drawn by
@@ -17,72 +27,71 @@ constrained decoding (rollout.constrain_actions) are scored under the same mask 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
-from algos.advantages import gae, group_baselines, returns_to_go
-from algos.config import Experiment
+from algos.advantages import compute_advantages
+from algos.config import Experiment, rl_sampling_error
 from algos.losses import (
     clipped_policy_loss,
     clipped_value_loss,
-    kl_penalty,
+    kl_k3,
+    kl_loss,
     logprobs_and_entropy,
     loss_weights,
-    masked_mean,
     tis_weight,
     token_logprobs,
+    weighted_sum,
 )
-from algos.runtime import init_deepspeed, param_dtype, resolve_device
+from algos.runtime import autocast, full_state_dict, init_deepspeed, param_dtype, resolve_device
 from rollout.engine import mask_logits
 from rollout.trajectory import Trajectory
 
 
 def build_critic(policy: nn.Module) -> nn.Module:
-    """A value model with the policy's architecture and starting weights, and a zero scalar head."""
+    """A value model with the policy's architecture and starting weights, and a zero scalar head.
+
+    No dropout before the head (transformers' default for Llama is 0.1): V_old comes from an eval-
+    mode pass, and a train-mode pass with dropout would regress a noisy V against it.
+    """
     from transformers import AutoModelForTokenClassification
 
     cfg = copy.deepcopy(policy.config)
     cfg.num_labels = 1
+    cfg.classifier_dropout = 0.0
     critic = AutoModelForTokenClassification.from_config(cfg)
     critic.model.load_state_dict(policy.model.state_dict())
     nn.init.zeros_(critic.score.weight)
     if critic.score.bias is not None:
         nn.init.zeros_(critic.score.bias)
-    return critic.to(next(policy.parameters()).device)
-
-
-class ActorCritic(nn.Module):
-    """The trainable module: the policy, plus a critic for PPO (one DeepSpeed engine for both)."""
-
-    def __init__(self, policy: nn.Module, critic: nn.Module | None):
-        super().__init__()
-        self.policy, self.critic = policy, critic
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V]
-        values = None
-        if self.critic is not None:
-            values = self.critic(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1)  # [B, T]
-        return logits, values
+    p = next(policy.parameters())
+    return critic.to(p.device, p.dtype)
 
 
 @dataclass
 class Batch:
-    """Right-padded tensors of a set of episodes, already shifted for next-token prediction."""
+    """Right-padded tensors of a set of episodes, already shifted for next-token prediction, and
+    the per-update tensors the learner computes before its gradient passes."""
 
     input_ids: torch.Tensor  # [E, T]
     attention_mask: torch.Tensor  # [E, T]
     mask: torch.Tensor  # [E, T-1] 1 where the predicted token is the policy's
-    behaviour_logp: torch.Tensor  # [E, T-1] engine log-probs of those tokens
+    behaviour_logp: torch.Tensor  # [E, T-1] log μ: the engine's log-probs of those tokens
     rewards: torch.Tensor  # [E, T-1]
     groups: torch.Tensor  # [E]
     # constrained decoding: per episode, {shifted position: allowed token ids} (empty = free)
     choice_sets: list[dict[int, list[int]]] | None = None
+    # filled in by Learner.update, [E, T-1] each (π_old, π_ref and TIS stay None on the on-policy
+    # fast path: each micro-step computes them from its own forward)
+    old_logp: torch.Tensor | None = None  # log π_old
+    ref_logp: torch.Tensor | None = None  # log π_ref (kl_coef > 0)
+    old_values: torch.Tensor | None = None  # V_old (PPO)
+    tis_weights: torch.Tensor | None = None  # min(π_old / μ, C)
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None  # the critic's targets (PPO)
 
     @staticmethod
     def from_trajectories(trajs: list[Trajectory], pad_id: int) -> Batch:
@@ -118,193 +127,188 @@ class Batch:
 class Learner:
     def __init__(self, exp: Experiment, policy: nn.Module, pad_token_id: int, optimizer_cls=torch.optim.AdamW):
         self.exp, self.cfg = exp, exp.rl
+        error = rl_sampling_error(exp.rollout)
+        if error:
+            raise ValueError(error)
+        self.temperature = exp.rollout.temperature
         self.device = resolve_device(exp.runtime)
         self.pad_id = pad_token_id
+        self.optimizer_cls = optimizer_cls
         policy = policy.to(self.device, param_dtype(exp.runtime.precision))
         critic = build_critic(policy) if self.cfg.algo == "ppo" else None
         # The reference is a frozen copy of the start policy, kept only when the KL term is on.
         self.reference = copy.deepcopy(policy).eval().requires_grad_(False) if self.cfg.kl_coef > 0 else None
-        module = ActorCritic(policy, critic)
-        optimizer = optimizer_cls(module.parameters(), lr=self.cfg.lr, betas=self.cfg.betas,
-                                  weight_decay=self.cfg.weight_decay)
-        warm = self.cfg.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        self.grad_accum = math.ceil(self.cfg.minibatch_size / self.cfg.micro_batch_size)
-        self.engine = init_deepspeed(module, optimizer, scheduler, exp.runtime, self.cfg.micro_batch_size,
-                                     self.grad_accum, self.cfg.grad_clip)
+        self.engine = self._engine(policy, self.cfg.lr, self.cfg.grad_clip)
+        self.critic_engine = None
+        if critic is not None:
+            self.critic_engine = self._engine(critic, self.cfg.critic_lr or self.cfg.lr,
+                                              self.cfg.grad_clip if self.cfg.critic_grad_clip is None
+                                              else self.cfg.critic_grad_clip)
+        self.engines = [e for e in (self.engine, self.critic_engine) if e is not None]
         # Skip the no-grad π_old pass when it cannot differ from the gradient pass (see the module
         # docstring); False forces the pass (tests compare both).
         self.fast_on_policy = True
 
+    def _engine(self, module: nn.Module, lr: float, grad_clip: float):
+        cfg = self.cfg
+        optimizer = self.optimizer_cls(module.parameters(), lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        warm = cfg.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        # DeepSpeed's own accumulation count is 1: update() marks each mini-batch's last micro-batch
+        # as the accumulation boundary itself (a mini-batch may hold any number of micro-batches).
+        return init_deepspeed(module, optimizer, scheduler, self.exp.runtime, cfg.micro_batch_size, 1, grad_clip)
+
     @property
     def policy(self) -> nn.Module:
-        return self.engine.module.policy
+        return self.engine.module
 
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 CPU copy of the policy weights (what rollout engines load)."""
-        module = self.policy
-        if self.engine.zero_optimization_stage() == 3:
-            import deepspeed
+        return full_state_dict(self.engine, torch.float32)
 
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    # -- forwards -------------------------------------------------------------------------------
 
-    # -- the update -----------------------------------------------------------------------------
-
-    def _forward(self, batch: Batch, rows: torch.Tensor, grad: bool):
-        """Logits and values of `rows`, trimmed to their longest sequence."""
+    def _rows(self, batch: Batch, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(input ids, attention mask) of `rows` on the device, trimmed to their longest sequence."""
         t = int(batch.attention_mask[rows].sum(-1).max())
-        ids = batch.input_ids[rows, :t].to(self.device)
-        am = batch.attention_mask[rows, :t].to(self.device)
-        if grad:
-            logits, values = self.engine(ids, am)
-        else:
-            with torch.no_grad(), self._autocast():
-                logits, values = self.engine.module(ids, am)
-        logits = batch.constrain(logits[:, :-1], rows)
-        return ids, logits, (None if values is None else values[:, :-1].float()), t
+        return batch.input_ids[rows, :t].to(self.device), batch.attention_mask[rows, :t].to(self.device), t
 
-    def _autocast(self):
-        precision = self.exp.runtime.precision
-        if precision.startswith("amp_"):
-            dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
-            return torch.autocast(self.device.type, dtype=dtype)
-        return torch.autocast(self.device.type, enabled=False)
+    def _logits(self, model, batch: Batch, rows: torch.Tensor, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+        """[B, t-1, V] logits of the sampling distribution: / temperature, then the choice masks."""
+        logits = model(input_ids=ids, attention_mask=am).logits[:, :-1]
+        if self.temperature != 1.0:
+            logits = logits.float() / self.temperature
+        return batch.constrain(logits, rows)
+
+    @staticmethod
+    def _values(critic, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+        return critic(input_ids=ids, attention_mask=am).logits.squeeze(-1)[:, :-1].float()  # [B, t-1]
 
     @torch.no_grad()
-    def _old_pass(self, batch: Batch):
+    def _ref_logp(self, batch: Batch, rows: torch.Tensor, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+        with autocast(self.exp.runtime.precision, self.device):
+            return token_logprobs(self._logits(self.reference, batch, rows, ids, am), ids[:, 1:])
+
+    @torch.no_grad()
+    def score(self, batch: Batch):
+        """The no-grad pass: (log π_old, log π_ref or None, V_old or None) [E, T-1] of `batch`."""
         e, t1 = batch.mask.shape
-        old_logp, ref_logp, values = torch.zeros(e, t1), torch.zeros(e, t1), torch.zeros(e, t1)
-        order = torch.arange(e)
-        for rows in order.split(self.cfg.micro_batch_size):
-            ids, logits, v, t = self._forward(batch, rows, grad=False)
-            old_logp[rows, : t - 1] = token_logprobs(logits, ids[:, 1:]).cpu()
-            if v is not None:
-                values[rows, : t - 1] = v.cpu()
-            if self.reference is not None:
-                ref_logp[rows, : t - 1] = self._ref_logp(batch, rows, ids, t)
+        old_logp = torch.zeros(e, t1)
+        ref_logp = torch.zeros(e, t1) if self.reference is not None else None
+        values = torch.zeros(e, t1) if self.critic_engine is not None else None
+        for rows in torch.arange(e).split(self.cfg.micro_batch_size):
+            ids, am, t = self._rows(batch, rows)
+            with autocast(self.exp.runtime.precision, self.device):
+                old_logp[rows, : t - 1] = token_logprobs(self._logits(self.engine.module, batch, rows, ids, am),
+                                                         ids[:, 1:]).cpu()
+                if values is not None:
+                    values[rows, : t - 1] = self._values(self.critic_engine.module, ids, am).cpu()
+            if ref_logp is not None:
+                ref_logp[rows, : t - 1] = self._ref_logp(batch, rows, ids, am).cpu()
         return old_logp, ref_logp, values
 
-    @torch.no_grad()
-    def _ref_logp(self, batch: Batch, rows: torch.Tensor, ids: torch.Tensor, t: int) -> torch.Tensor:
-        with self._autocast():
-            ref_logits = batch.constrain(self.reference(input_ids=ids, attention_mask=batch.attention_mask[rows, :t].to(
-                self.device)).logits[:, :-1], rows)
-        return token_logprobs(ref_logits, ids[:, 1:]).cpu()
+    # -- the update -----------------------------------------------------------------------------
 
     def on_policy(self, n_episodes: int) -> bool:
         """True when this update takes exactly one optimizer step with no critic: π_old = π_θ."""
         cfg = self.cfg
         return self.fast_on_policy and cfg.algo != "ppo" and cfg.epochs == 1 and n_episodes <= cfg.minibatch_size
 
-    def advantages(self, batch: Batch, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(advantages, value targets) [E, T-1], zero off the policy's tokens."""
+    def prepare(self, trajs: list[Trajectory], fast: bool) -> Batch:
+        """Steps 1 and 2 of an update: the batch of `trajs` with π_old, π_ref, V_old and the TIS
+        weights (unless `fast`) and the advantages and value targets on it."""
         cfg = self.cfg
-        adv, ret = torch.zeros_like(batch.mask), torch.zeros_like(batch.mask)
-        if cfg.algo == "ppo":
-            for i in range(batch.mask.shape[0]):
-                idx = batch.mask[i].nonzero().flatten()
-                a, r = gae(batch.rewards[i, idx], values[i, idx], cfg.gamma, cfg.lam)
-                adv[i, idx], ret[i, idx] = a, r
-            if cfg.normalize_advantages:
-                on = batch.mask.bool()
-                mean, std = adv[on].mean(), adv[on].std(unbiased=False)
-                adv = torch.where(on, (adv - mean) / (std + 1e-6), adv)
-            return adv, ret
-        episode_returns = batch.rewards.sum(-1)
-        baseline, scale = group_baselines(episode_returns, batch.groups, cfg.algo, cfg.std_normalize)
-        for i in range(batch.mask.shape[0]):
-            idx = batch.mask[i].nonzero().flatten()
-            if cfg.group_credit == "episode":
-                g = episode_returns[i].expand(idx.numel())
-            else:
-                g = returns_to_go(batch.rewards[i, idx], cfg.gamma)
-            adv[i, idx] = (g - baseline[i]) / scale[i]
-        return adv, ret
+        batch = Batch.from_trajectories(trajs, self.pad_id)
+        if not fast:
+            for engine in self.engines:
+                engine.eval()
+            batch.old_logp, batch.ref_logp, batch.old_values = self.score(batch)
+            batch.tis_weights = tis_weight(batch.old_logp, batch.behaviour_logp, cfg.tis_cap)
+        batch.advantages, batch.returns = compute_advantages(cfg.algo, batch.rewards, batch.mask, batch.old_values,
+                                                             batch.groups, cfg)
+        return batch
 
     def update(self, trajs: list[Trajectory], seed: int = 0) -> dict[str, float]:
-        """One RL update on these episodes (infra-error episodes must already be dropped)."""
+        """One RL update on these episodes; infra-error episodes are dropped here. {} if none are left."""
+        trajs = [t for t in trajs if not t.infra_error]
         if not trajs:
             return {}
         cfg = self.cfg
         t0 = time.perf_counter()
-        batch = Batch.from_trajectories(trajs, self.pad_id)
-        fast = self.on_policy(batch.mask.shape[0])
-        if fast:  # π_old, π_ref and the TIS weights are filled in by each micro-step
-            old_logp, ref_logp, old_values = (torch.zeros_like(batch.mask) for _ in range(3))
-            is_w = torch.ones_like(batch.mask)
-        else:
-            self.engine.eval()
-            old_logp, ref_logp, old_values = self._old_pass(batch)
-            is_w = tis_weight(old_logp, batch.behaviour_logp, cfg.tis_cap)
-        adv, ret = self.advantages(batch, old_values)
-        self.engine.train()
+        e = len(trajs)
+        fast = self.on_policy(e)
+        batch = self.prepare(trajs, fast)
+        for engine in self.engines:
+            engine.train()
 
         sums: dict[str, float] = {}
-        n_micro = 0
+        steps = 0
         gen = torch.Generator().manual_seed(seed)
-        e = batch.mask.shape[0]
         for _ in range(cfg.epochs):
-            perm = torch.randperm(e, generator=gen)
-            for mb in perm.split(cfg.minibatch_size):
-                # exactly grad_accum micro-batches per optimizer step (DeepSpeed counts them)
-                for rows in np.array_split(mb.numpy(), self.grad_accum):
-                    rows = torch.as_tensor(rows, dtype=torch.long)
-                    if rows.numel() == 0:  # a short last mini-batch: repeat a row with zero weight
-                        rows, weight = mb[:1], 0.0
-                    else:
-                        weight = 1.0
-                    stats = self._micro_step(batch, rows, old_logp, ref_logp, old_values, adv, ret, is_w, weight,
-                                             fast)
-                    for k, v in stats.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    n_micro += 1
-        metrics = {k: v / n_micro for k, v in sums.items()}
+            for minibatch in torch.randperm(e, generator=gen).split(cfg.minibatch_size):
+                for k, v in self._optimizer_step(batch, minibatch, fast).items():
+                    sums[k] = sums.get(k, 0.0) + v
+                steps += 1
+        metrics = {k: v / steps for k, v in sums.items()}  # each step's numbers are mini-batch means
         on = batch.mask.bool()
         metrics.update({
-            "tis_weight": float(is_w[on].mean()) if on.any() else 1.0,
-            "logp_gap": float((old_logp - batch.behaviour_logp)[on].abs().mean()) if on.any() else 0.0,
-            "adv_mean": float(adv[on].mean()) if on.any() else 0.0,
-            "adv_std": float(adv[on].std()) if on.sum() > 1 else 0.0,
+            "episodes": float(e),
+            "adv_mean": float(batch.advantages[on].mean()) if on.any() else 0.0,
+            "adv_std": float(batch.advantages[on].std()) if on.sum() > 1 else 0.0,
             "lr": self.engine.get_lr()[0],
+            **({"critic_lr": self.critic_engine.get_lr()[0]} if self.critic_engine is not None else {}),
             "old_pass": 0.0 if fast else 1.0,
             "update_s": time.perf_counter() - t0,
             "train_tokens": float(batch.attention_mask.sum()) * cfg.epochs,
         })
         return metrics
 
-    def _micro_step(self, batch, rows, old_logp, ref_logp, old_values, adv, ret, is_w, weight,
-                    fast: bool) -> dict[str, float]:
-        cfg = self.cfg
-        ids, logits, values, t = self._forward(batch, rows, grad=True)
+    def _optimizer_step(self, batch: Batch, minibatch: torch.Tensor, fast: bool) -> dict[str, float]:
+        """One optimizer step (per engine) on the episodes `minibatch`; returns its logged numbers,
+        each the mini-batch's weighted mean."""
+        weights = loss_weights(batch.mask[minibatch], self.cfg.loss_aggregation)  # sums to 1 over the mini-batch
+        micro = list(zip(minibatch.split(self.cfg.micro_batch_size), weights.split(self.cfg.micro_batch_size)))
+        sums: dict[str, float] = {}
+        for j, (rows, w) in enumerate(micro):
+            for engine in self.engines:
+                engine.set_gradient_accumulation_boundary(j == len(micro) - 1)
+            for k, v in self._micro_step(batch, rows, w, fast).items():
+                sums[k] = sums.get(k, 0.0) + v
+        for engine in self.engines:
+            engine.step()
+        return sums
+
+    def _micro_step(self, batch: Batch, rows: torch.Tensor, weights: torch.Tensor, fast: bool) -> dict[str, float]:
+        """Forward and backward of one micro-batch (no optimizer step). `weights` [B, T-1] are these
+        rows' loss weights; returns this micro-batch's share of each logged number."""
+        cfg, dev = self.cfg, self.device
+        ids, am, t = self._rows(batch, rows)
         sl = (rows, slice(0, t - 1))
-        token_w = loss_weights(batch.mask[sl].to(self.device), cfg.loss_aggregation)  # [B, T-1], sums to 1
-        logp, ent = logprobs_and_entropy(logits, ids[:, 1:], entropy_grad=cfg.entropy_coef > 0)
+        w = weights[:, : t - 1].to(dev)
+        behaviour_logp = batch.behaviour_logp[sl].to(dev)
+        logp, ent = logprobs_and_entropy(self._logits(self.engine, batch, rows, ids, am), ids[:, 1:],
+                                         entropy_grad=cfg.entropy_coef > 0)
         if fast:  # on-policy: π_old is this very forward (ratio 1, gradient of ρ = ∇ log π)
-            old_logp[sl] = logp.detach().cpu()
-            is_w[sl] = tis_weight(old_logp[sl], batch.behaviour_logp[sl], cfg.tis_cap)
-            if self.reference is not None:
-                ref_logp[sl] = self._ref_logp(batch, rows, ids, t)
-        pg_loss, clipfrac = clipped_policy_loss(logp, old_logp[sl].to(self.device), adv[sl].to(self.device), token_w,
-                                                cfg.clip_eps, is_w[sl].to(self.device))
-        loss = pg_loss
-        stats = {"policy_loss": pg_loss.item(), "clip_frac": clipfrac.item()}
-        if values is not None:
-            v_loss = clipped_value_loss(values, old_values[sl].to(self.device), ret[sl].to(self.device), token_w,
-                                        cfg.value_clip)
-            loss = loss + cfg.vf_coef * v_loss
-            stats["value_loss"] = v_loss.item()
+            old_logp = logp.detach()
+            tis_w = tis_weight(old_logp, behaviour_logp, cfg.tis_cap)
+            ref_logp = self._ref_logp(batch, rows, ids, am) if self.reference is not None else None
+        else:
+            old_logp, tis_w = batch.old_logp[sl].to(dev), batch.tis_weights[sl].to(dev)
+            ref_logp = None if batch.ref_logp is None else batch.ref_logp[sl].to(dev)
+        pg_loss, clip_frac = clipped_policy_loss(logp, old_logp, batch.advantages[sl].to(dev), w, cfg.clip_eps, tis_w)
+        entropy = weighted_sum(ent, w)
+        loss = pg_loss - cfg.entropy_coef * entropy if cfg.entropy_coef > 0 else pg_loss
         with torch.no_grad():
-            stats["kl_old"] = float(masked_mean(old_logp[sl].to(self.device) - logp, token_w))
-        if self.reference is not None:
-            kl = masked_mean(kl_penalty(logp, ref_logp[sl].to(self.device), cfg.kl_estimator), token_w)
-            loss = loss + cfg.kl_coef * kl
-            stats["kl_ref"] = kl.item()
-        ent = masked_mean(ent, token_w)
-        if cfg.entropy_coef > 0:
-            loss = loss - cfg.entropy_coef * ent
-        stats["entropy"] = ent.item()
-        self.engine.backward(loss * weight)
-        self.engine.step()
-        return stats
+            stats = {"policy_loss": pg_loss, "clip_frac": clip_frac, "entropy": entropy.detach(),
+                     "kl_old": weighted_sum(old_logp - logp, w), "tis_weight": weighted_sum(tis_w, w),
+                     "logp_gap": weighted_sum((old_logp - behaviour_logp).abs(), w)}
+        if ref_logp is not None:
+            loss = loss + cfg.kl_coef * kl_loss(logp, old_logp, ref_logp, w, tis_w)
+            stats["kl_ref"] = weighted_sum(kl_k3(logp.detach(), ref_logp), w)
+        self.engine.backward(loss, scale_wrt_gas=False)  # the weights already scale each micro-batch
+        if self.critic_engine is not None:
+            v_loss = clipped_value_loss(self._values(self.critic_engine, ids, am), batch.old_values[sl].to(dev),
+                                        batch.returns[sl].to(dev), w, cfg.value_clip)
+            self.critic_engine.backward(cfg.vf_coef * v_loss, scale_wrt_gas=False)
+            stats["value_loss"] = v_loss
+        return {k: float(v.detach()) for k, v in stats.items()}

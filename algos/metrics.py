@@ -1,4 +1,9 @@
-"""Run metrics: TensorBoard scalars and one JSON line per logged step (both append on resume)."""
+"""Run metrics: TensorBoard scalars and one JSON line per logged step.
+
+Both append. A resumed run continues its logs from the checkpoint's step (`resume_from`): rows
+past it were logged by the killed run after its last checkpoint and are logged again by the
+resumed one, so they are dropped on open (resuming from step 0 starts a fresh log).
+"""
 from __future__ import annotations
 
 import json
@@ -8,13 +13,19 @@ from typing import Any
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, resume_from: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.tb = SummaryWriter(str(self.run_dir / "tb"))
-        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        path = self.run_dir / "metrics.jsonl"
+        purge_step = None
+        if resume_from is not None:
+            rows = path.read_text().splitlines() if path.exists() and resume_from > 0 else []
+            path.write_text("".join(r + "\n" for r in rows if r.strip() and json.loads(r)["step"] <= resume_from))
+            purge_step = resume_from + 1 if resume_from else 0  # TensorBoard hides old events at steps ≥ this
+        self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge_step)
+        self.jsonl = open(path, "a")
 
     def log(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
         row = {"step": step, "time": time.time()}

@@ -15,11 +15,10 @@ import yaml
 from tqdm.auto import tqdm
 
 import envs
-from agents.formats import format_for
 from agents.tokenizer import train_tokenizer
 from algos.checkpoint import latest_checkpoint, load_policy
 from algos.config import Experiment, save_config
-from algos.data import data_folder, prepare_data, read_jsonl
+from algos.data import heldout_tasks, prepare_data, read_jsonl
 from algos.evaluate import evaluate_episodes, evaluate_policy, print_summary, save_eval
 from algos.metrics import MetricsLogger
 from algos.runtime import apply_threads, param_dtype, resolve_device, seed_everything
@@ -39,7 +38,7 @@ def build_tokenizer(exp: Experiment, demos: list[dict], run_dir: Path):
     folder = run_dir / "tokenizer"
     if (folder / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(folder)
-    fmt = format_for(exp.env.name)
+    fmt = envs.format_for(exp.env.name)
     texts = ("".join(text for text, _ in fmt.segments(d)) for d in demos)
     tok = train_tokenizer(texts, exp.tokenizer)
     tok.save_pretrained(folder)
@@ -52,7 +51,7 @@ def build_examples(exp: Experiment, demos: list[dict], tokenizer) -> list[Exampl
     Each segment is tokenised on its own, as the episode runner does turn by turn, so SFT and
     play see the same ids. Demos longer than model.max_seq_len are dropped (and counted).
     """
-    fmt = format_for(exp.env.name)
+    fmt = envs.format_for(exp.env.name)
     per_demo = [fmt.segments(d) for d in demos]
     flat = [text for segs in per_demo for text, _ in segs]
     flat_ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
@@ -76,23 +75,9 @@ def build_examples(exp: Experiment, demos: list[dict], tokenizer) -> list[Exampl
     return examples
 
 
-def heldout_tasks(exp: Experiment, split: str | None = None, problems_file: str | None = None,
-                  limit: int | None = None) -> tuple[str, list[dict]]:
-    """(name, tasks) of a held-out split (from the data cache when there) or a user's file."""
-    source = envs.make_tasks(exp.env.name, **exp.env_options())
-    if problems_file:
-        tasks, name = source.tasks_from_file(problems_file), Path(problems_file).name
-    else:
-        name = split or exp.eval.split
-        if name not in source.heldout_splits():
-            raise ValueError(f"unknown held-out split '{name}' (eval.split); choose from {source.heldout_splits()}")
-        cached = data_folder(exp) / f"{name}.jsonl"
-        tasks = read_jsonl(cached) if cached.exists() else source.tasks(name)
-    return name, tasks[:limit] if limit else tasks
-
-
 def sft(exp: Experiment, resume: bool = False) -> dict:
-    """Generate data, train the tokenizer and the policy, evaluate on the held-out split."""
+    """Generate data, train the tokenizer and the policy (evaluated on the valid split every
+    sft.eval_every steps), then evaluate it on the test split (eval.split)."""
     seed_everything(exp.seed)
     apply_threads(exp.runtime)
     run_dir = Path(exp.out_dir)
@@ -102,11 +87,11 @@ def sft(exp: Experiment, resume: bool = False) -> dict:
     tokenizer = build_tokenizer(exp, demos, run_dir)
     examples = build_examples(exp, demos, tokenizer)
 
-    _, periodic_tasks = heldout_tasks(exp, limit=exp.sft.eval_tasks)
+    periodic_tasks = heldout_tasks(exp, envs.VALID_SPLIT, limit=exp.sft.eval_tasks)[1] if exp.sft.eval_every else []
 
     def periodic_eval(model, step: int) -> dict:
         summary, _ = run_eval(exp, model, tokenizer, periodic_tasks, desc=f"eval@{step}")
-        tqdm.write(f"step {step}: held-out accuracy {summary['accuracy']:.1%} on {summary['tasks']} tasks")
+        tqdm.write(f"step {step}: valid accuracy {summary['accuracy']:.1%} on {summary['tasks']} tasks")
         return {"accuracy": summary["accuracy"], "mean_tokens": summary["mean_tokens"]}
 
     ckpt = train_sft(exp, examples, tokenizer, run_dir, resume=resume, evaluate=periodic_eval)
@@ -119,7 +104,7 @@ def sft(exp: Experiment, resume: bool = False) -> dict:
 
 def run_eval(exp: Experiment, model, tokenizer, tasks: list[dict], desc: str = "eval") -> tuple[dict, list[dict]]:
     """Single-turn envs: one batched generation; multi-turn envs: the episode runner."""
-    if format_for(exp.env.name).multi_turn:
+    if envs.format_for(exp.env.name).multi_turn:
         return evaluate_episodes(model, tokenizer, exp.env.name, exp.env_options(), tasks, exp.eval, exp.rollout,
                                  exp.model.max_seq_len)
     return evaluate_policy(model, tokenizer, exp.env.name, exp.env_options(), tasks, exp.eval, desc=desc)

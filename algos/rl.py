@@ -3,7 +3,7 @@
     for it in iterations:
         tasks  = tasks_per_iter train tasks, drawn from a generator seeded by (seed, it)
         trajs  = rollout workers play group_size episodes of each task        (collect)
-        update = learner.update(trajs without infra errors)                    (advantages + update)
+        update = learner.update(trajs): infra-error episodes dropped, advantages, optimizer steps
         sync   = new policy weights pushed to every worker                     (sync)
         every eval_every: greedy episodes on held-out tasks; every save_every: a checkpoint
 
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 import envs
 from algos.checkpoint import latest_checkpoint, load_learner_state, load_policy, policy_folder, save_checkpoint
 from algos.config import Experiment, save_config
-from algos.evaluate import episode_summary, print_summary, save_eval
+from algos.evaluate import episode_records, print_summary, save_eval, summarize
 from algos.learner import Learner
 from algos.metrics import MetricsLogger
 from algos.runtime import apply_threads, rng_state, seed_everything, set_rng_state
@@ -29,29 +29,12 @@ from rollout.runner import episode_seed
 from rollout.worker import RolloutPool, WorkerSpec
 
 
-def rollout_metrics(trajs, stats: dict) -> dict[str, float]:
-    scored = [t for t in trajs if not t.infra_error]
-    n = max(len(scored), 1)
-    return {
-        "reward": sum(t.episode_return for t in scored) / n,
-        "success": sum(t.won for t in scored) / n,
-        "episode_turns": sum(t.turns for t in scored) / n,
-        "episode_tokens": sum(len(t.token_ids) for t in scored) / n,
-        "policy_tokens": float(sum(t.num_policy_tokens for t in scored)),
-        "truncated": sum(t.truncated is not None for t in scored) / n,
-        "cut_turns": float(sum(t.cut_turns for t in scored)),
-        "infra_errors": float(len(trajs) - len(scored)),
-        "generate_s": stats.get("generate_s", 0.0),
-        "env_s": stats.get("env_s", 0.0),
-    }
-
-
 def evaluate_pool(pool: RolloutPool, tasks: list[dict], seed: int, samples: int = 0,
                   temperature: float = 1.0) -> tuple[dict, list[dict]]:
     """Greedy held-out episodes (summary, records); with `samples`, the summary also holds
     `sampled_accuracy`: success over that many episodes per task at `temperature`."""
     trajs, stats = pool.play(tasks, 1, seed=seed, temperature=0.0)
-    summary, records = episode_summary(trajs, stats)
+    summary, records = summarize(trajs, stats), episode_records(trajs)
     if samples:
         summary["sampled_accuracy"] = sampled_success(pool, tasks, seed, samples, temperature)
     return summary, records
@@ -66,7 +49,7 @@ def held_out_line(summary: dict) -> str:
 
 def sampled_success(pool: RolloutPool, tasks: list[dict], seed: int, samples: int, temperature: float) -> float:
     trajs, stats = pool.play(tasks, samples, seed=episode_seed(seed, "sampled"), temperature=temperature)
-    return episode_summary(trajs, stats)[0]["accuracy"]
+    return summarize(trajs, stats)["accuracy"]
 
 
 def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
@@ -76,7 +59,7 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
     stop_after: end after this many iterations of this call (a simulated kill, for tests).
     before: the start policy's held-out summary when the caller already has it (skips that eval).
     """
-    from algos.recipes import heldout_tasks  # recipes imports this module
+    from algos.data import heldout_tasks
 
     cfg = exp.rl
     seed_everything(exp.seed)
@@ -91,7 +74,7 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
     start, state = 0, {}
     ck = latest_checkpoint(run_dir) if resume else None
     if ck is not None:
-        state = load_learner_state(ck, learner.engine)
+        state = load_learner_state(ck, learner.engine, learner.critic_engine)
         set_rng_state(state["rng"])
         start = state["iteration"]
         tqdm.write(f"resumed from {ck} at iteration {start}")
@@ -99,12 +82,13 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
     spec = WorkerSpec(policy_folder=str(init), env_name=exp.env.name, env_options=exp.env_options(),
                       max_episode_tokens=exp.model.max_seq_len)
     pool = RolloutPool(spec, exp.rollout, exp.ray)
-    log = MetricsLogger(run_dir)
+    log = MetricsLogger(run_dir, resume_from=start if resume else None)
     try:
         if start > 0:
             pool.update_weights(learner.policy_state_dict())
         source = envs.make_tasks(exp.env.name, **exp.env_options())
-        split, eval_tasks = heldout_tasks(exp, limit=cfg.eval_tasks)
+        split, eval_tasks = heldout_tasks(exp, limit=cfg.eval_tasks)  # the test split: before and after RL
+        valid_tasks = heldout_tasks(exp, envs.VALID_SPLIT, limit=cfg.eval_tasks)[1] if cfg.eval_every else []
         held_out = dict(samples=cfg.eval_samples, temperature=exp.rollout.temperature)
         before = state.get("before", before)
         if before is None:
@@ -126,24 +110,25 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
                                         skip=exp.sft.demos.num_examples if cfg.skip_sft_tasks else 0)
             trajs, stats = pool.play(tasks, cfg.group_size, seed=episode_seed(exp.seed, "play", it))
             collect_s = time.perf_counter() - t0
-            metrics = rollout_metrics(trajs, stats)
-            metrics.update(learner.update([t for t in trajs if not t.infra_error], seed=episode_seed(exp.seed, it)))
+            metrics = summarize(trajs, stats)
+            metrics.update(learner.update(trajs, seed=episode_seed(exp.seed, it)))  # drops infra errors
             metrics["sync_s"] = pool.update_weights(learner.policy_state_dict())
             metrics["collect_s"] = collect_s
             metrics["rollout_tokens_per_s"] = metrics["policy_tokens"] / max(collect_s, 1e-9)
             metrics["iteration_s"] = time.perf_counter() - t0
             log.log(it + 1, metrics, prefix="train/")
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", success=f"{metrics['success']:.2f}",
+            bar.set_postfix(reward=f"{metrics['mean_return']:.3f}", success=f"{metrics['accuracy']:.2f}",
                             kl=f"{metrics.get('kl_old', 0):.4f}")
 
             done = it + 1
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.iterations:
-                last, _ = evaluate_pool(pool, eval_tasks, seed=episode_seed(exp.seed, "eval", done), **held_out)
-                log.log(done, last, prefix="eval/")
-                tqdm.write(f"iteration {done}: {held_out_line(last)}")
+                last, _ = evaluate_pool(pool, valid_tasks, seed=episode_seed(exp.seed, "eval", done), **held_out)
+                log.log(done, last, prefix="valid/")
+                tqdm.write(f"iteration {done}: valid {held_out_line(last)}")
             if done % cfg.save_every == 0 or done == cfg.iterations:
                 save_checkpoint(run_dir, done, learner.engine, tokenizer,
-                                {"iteration": done, "rng": rng_state(), "before": before}, cfg.keep_checkpoints)
+                                {"iteration": done, "rng": rng_state(), "before": before}, cfg.keep_checkpoints,
+                                critic=learner.critic_engine)
         bar.close()
         if end < cfg.iterations:
             return {"before": before, "stopped_at": end}

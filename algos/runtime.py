@@ -12,12 +12,45 @@ import torch
 
 from algos.config import RuntimeConfig
 
+# runtime.precision -> torch dtype: the weights' dtype for fp32/bf16/fp16, the matmuls' for amp_*
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def param_dtype(precision: str) -> torch.dtype:
     """The dtype the learner keeps weights in (autocast modes keep fp32 weights)."""
     return DTYPES.get(precision, torch.float32)
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype amp_* precisions autocast matmuls to; None for the others."""
+    return DTYPES[precision.removeprefix("amp_")] if precision.startswith("amp_") else None
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of `precision` for passes run outside the engine (no-grad passes)."""
+    dtype = autocast_dtype(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def full_state_dict(engine, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A CPU copy of `engine.module`'s whole state dict (cast to `dtype` if given); under ZeRO-3
+    the partitioned parameters are gathered first. Tied weights (the LM head and the embedding)
+    stay one tensor, so save_pretrained still sees them as tied."""
+    module = engine.module
+
+    def copy() -> dict[str, torch.Tensor]:
+        copies: dict[int, torch.Tensor] = {}  # data_ptr -> its copy
+        for v in module.state_dict().values():
+            if v.data_ptr() not in copies:
+                copies[v.data_ptr()] = (v.detach() if dtype is None else v.detach().to(dtype)).cpu().clone()
+        return {k: copies[v.data_ptr()] for k, v in module.state_dict().items()}
+
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return copy()
+    return copy()
 
 
 def resolve_device(cfg: RuntimeConfig) -> torch.device:
@@ -88,7 +121,7 @@ def deepspeed_config(cfg: RuntimeConfig, micro_batch: int, grad_accum: int, grad
     elif cfg.precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
     elif cfg.precision.startswith("amp_"):
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if cfg.precision == "amp_bf16" else "float16"}
+        ds["torch_autocast"] = {"enabled": True, "dtype": str(autocast_dtype(cfg.precision)).removeprefix("torch.")}
     if cfg.offload_optimizer:
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         ds["zero_force_ds_cpu_optimizer"] = False  # we pass a torch optimizer: no native-op build

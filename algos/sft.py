@@ -114,7 +114,7 @@ def train_sft(exp: Experiment, examples: list[Example], tokenizer, run_dir: str 
     elif resume:
         tqdm.write(f"--resume: no checkpoint under {run_dir}, starting from step 0")
 
-    log = MetricsLogger(run_dir)
+    log = MetricsLogger(run_dir, resume_from=step if resume else None)
     n_params = count_parameters(model)
     tqdm.write(f"SFT: {n_params / 1e6:.2f}M parameters, {len(examples)} examples, "
                f"{batches.per_epoch} batches/epoch, {cfg.steps} steps on {device}")

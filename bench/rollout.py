@@ -179,7 +179,8 @@ def run_vllm(model, name: str, prompts, args, multi: bool) -> dict | str:
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, safe_serialization=True)
         spec = {"folder": folder, "dtype": args.dtype, "prompts": prompts, "new_tokens": args.new_tokens,
-                "repeats": args.repeats, "multi": multi, "turns": args.turns, "turn_tokens": args.turn_tokens, "obs_tokens": args.obs_tokens}
+                "repeats": args.repeats, "multi": multi, "turns": args.turns, "turn_tokens": args.turn_tokens,
+                "obs_tokens": args.obs_tokens}
         spec_path = Path(folder) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=str(args.threads),

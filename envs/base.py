@@ -7,8 +7,13 @@ Every environment is a gymnasium.Env whose observations and actions are strings:
     obs, reward, terminated, truncated, info = env.step("66-42=24")
 
 `info` always carries `won`, `reward_components`, `infra_error` and `admissible_actions`
-(an empty list where the game has none). Task sets live in a TaskSource with a `train` split and
-held-out splits that never overlap it.
+(an empty list where the game has none). Task sets live in a TaskSource with a `train` split, a
+`valid` split (for tuning and periodic evals) and test splits, no two of which share a task.
+
+An environment is one package under envs/ and one `register(...)` call: its env, config and task
+classes, its prompt/action Format, its demonstration builder and that builder's options schema,
+and the statistics only it knows how to compute (of its demos, of an evaluation's records).
+Nothing outside its package knows anything about it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import json
 import random
 import string
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import gymnasium
 from gymnasium.spaces import Text
@@ -31,6 +36,8 @@ MAX_TEXT_LENGTH = 1 << 20
 TEXT_CHARSET = string.printable
 
 TRAIN_SPLIT = "train"
+# The split that tuning and periodic evals read; the other held-out splits are reported once.
+VALID_SPLIT = "valid"
 
 RewardDensity = Literal["sparse", "dense"]
 
@@ -69,6 +76,15 @@ def make_info(
 
 REQUIRED_INFO_KEYS = ("won", "reward_components", "infra_error", "admissible_actions")
 
+# Dense progress is paid in multiples of 2**-20 so every partial sum is exact in floating point
+# and a won episode sums to exactly 1.0 whatever the order or the episode's scale.
+_QUANTUM = 2.0**-20
+
+
+def quantize(x: float) -> float:
+    """x rounded to a multiple of 2**-20 (see _QUANTUM)."""
+    return round(x / _QUANTUM) * _QUANTUM
+
 
 class TextEnv(gymnasium.Env):
     """A gymnasium env with string observations and actions.
@@ -87,11 +103,60 @@ class TextEnv(gymnasium.Env):
         self.action_space = Text(MAX_TEXT_LENGTH, min_length=0, charset=TEXT_CHARSET)
 
 
+class Format:
+    """How an env's observation becomes the policy's prompt, and the policy's text an action.
+
+    One format per environment, pure text (no tokenizer). The same format serves SFT (a
+    demonstration as text segments), evaluation and RL rollouts, so the policy always sees one
+    layout; because SFT tokenises each segment on its own exactly as the episode runner does turn
+    by turn, it also sees the same token ids. A format answers six questions:
+
+        prompt(obs)                      the text of the first prompt (after <bos>)
+        stop_texts                       where a turn's generation ends (() = only at <eos>)
+        action(obs, completion)          the text handed to env.step
+        observation(obs, action, text)   the text appended to the conversation after env.step
+        segments(demo)                   a demonstration as [(text, written_by_policy), ...]
+        choices(info)                    the texts the policy may write next, when the env lists
+                                         its actions (rollout.constrain_actions); else None
+
+    `multi_turn` says whether an episode can have more than one turn (single-turn envs are
+    evaluated in one batched generation); `lists_choices` whether choices() can return a list.
+    The defaults below are a line-per-turn game; subclasses override what differs.
+    """
+
+    multi_turn: bool = True
+    lists_choices: bool = False
+    stop_texts: tuple[str, ...] = ("\n",)
+
+    def prompt(self, observation: str) -> str:
+        return observation + "\n"
+
+    def action(self, observation: str, completion: str) -> str:
+        return completion.strip()
+
+    def observation(self, observation: str, action: str, completion: str) -> str:
+        return observation + "\n"
+
+    def segments(self, demo: dict) -> list[tuple[str, bool]]:
+        return [(self.prompt(demo["prompt"]), False), (demo["completion"], True)]
+
+    def choices(self, info: dict) -> list[str] | None:
+        return None
+
+
+class DemoOptions(BaseModel):
+    """The options of an env's demonstration builder: the keys of `sft.demos` besides
+    `num_examples`. Envs subclass it; an env without options takes none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class TaskSource(abc.ABC):
     """Named splits of JSON-able task dicts, deterministic for a given config.
 
-    `train` is always a split; every other split is held out and shares no task with train
-    (as judged by task_key).
+    `train` is always a split and `valid` is there for tuning; every other split is a test split.
+    No two splits share a task (as judged by task_key), and sample_tasks (RL's train draws)
+    never returns a task of a held-out split.
     """
 
     @abc.abstractmethod
@@ -102,16 +167,12 @@ class TaskSource(abc.ABC):
     def tasks(self, split: str) -> list[dict]:
         """All tasks of a split, as dicts that env.reset(options={"task": ...}) accepts."""
 
-    def demonstrations(self, split: str, n: int, seed: int, **options: Any) -> Iterator[dict]:
-        """Expert demonstrations for SFT on the first n tasks of `split`: dicts with at least
-        `prompt` (the first observation) and `completion` (what the policy should write)."""
-        raise NotImplementedError(f"{type(self).__name__} has no expert demonstrations")
-
     def tasks_from_file(self, path: str) -> list[dict]:
         """Tasks a user brings in a file (format per env); errors name the file and line."""
         raise NotImplementedError(f"{type(self).__name__} cannot read tasks from a file")
 
     def heldout_splits(self) -> list[str]:
+        """Every split but train: `valid` and the test splits."""
         return [s for s in self.splits() if s != TRAIN_SPLIT]
 
     def sample_tasks(self, split: str, n: int, rng: random.Random, skip: int = 0) -> list[dict]:
@@ -140,31 +201,49 @@ class TaskSource(abc.ABC):
 # Registry
 
 
+# A demonstration builder: (task source, split, n, seed, **options) -> demos of the split's
+# first n tasks, dicts that the env's Format.segments() reads.
+DemoBuilder = Callable[..., Iterator[dict]]
+
+
 @dataclass(frozen=True)
 class EnvSpec:
+    """Everything env-specific that the trainer needs, registered once per env."""
+
     name: str
     env_cls: type[TextEnv]
     config_cls: type[BaseModel]
     tasks_cls: type[TaskSource]
+    format: Format
+    demos: DemoBuilder | None = None
+    demo_options: type[DemoOptions] = DemoOptions
+    # statistics of the written demos (stats.json beside them), e.g. how many reach the goal
+    demo_stats: Callable[[list[dict]], dict] | None = None
+    # statistics of an evaluation's records (summary keys), e.g. the commonest failure kinds
+    eval_stats: Callable[[list[dict]], dict] | None = None
 
 
 _REGISTRY: dict[str, EnvSpec] = {}
 
 
-def register(
-    name: str, env_cls: type[TextEnv], config_cls: type[BaseModel], tasks_cls: type[TaskSource]
-) -> None:
+def register(name: str, env_cls: type[TextEnv], config_cls: type[BaseModel], tasks_cls: type[TaskSource],
+             *, format: Format, demos: DemoBuilder | None = None,
+             demo_options: type[DemoOptions] = DemoOptions,
+             demo_stats: Callable[[list[dict]], dict] | None = None,
+             eval_stats: Callable[[list[dict]], dict] | None = None) -> None:
     """Make an env constructible by name. The env and task classes take one validated config."""
     if name in _REGISTRY and _REGISTRY[name].env_cls is not env_cls:
         raise ValueError(f"env {name!r} is already registered to {_REGISTRY[name].env_cls}")
-    _REGISTRY[name] = EnvSpec(name, env_cls, config_cls, tasks_cls)
+    _REGISTRY[name] = EnvSpec(name, env_cls, config_cls, tasks_cls, format, demos, demo_options,
+                              demo_stats, eval_stats)
 
 
 def list_envs() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _spec(name: str) -> EnvSpec:
+def spec(name: str) -> EnvSpec:
+    """The registration of env `name` (EnvConfigError naming the closest known env if none)."""
     if name not in _REGISTRY:
         close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -174,46 +253,89 @@ def _spec(name: str) -> EnvSpec:
 
 def config_class(name: str) -> type[BaseModel]:
     """The pydantic config model of a registered env."""
-    return _spec(name).config_cls
+    return spec(name).config_cls
 
 
-def _describe_error(err: dict, valid_keys: list[str]) -> str:
-    loc = ".".join(str(part) for part in err["loc"])
+def format_for(name: str) -> Format:
+    """The prompt/action format of a registered env."""
+    return spec(name).format
+
+
+def fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The valid keys of the (nested) section of `model` at `loc`, for 'did you mean'."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def describe_error(err: dict, schema: type[BaseModel], prefix: tuple = (), where: str = "",
+                   extra_keys: tuple[str, ...] = ()) -> str:
+    """One line for one pydantic error of `schema`: the dotted key (under `prefix`), where it came
+    from (`where`, e.g. a file), and for an unknown key the closest valid one and all valid ones
+    (`extra_keys`: keys of the section that `schema` itself does not hold)."""
+    loc = tuple(prefix) + tuple(str(p) for p in err["loc"])
+    key = ".".join(loc)
+    at = f" ({where})" if where else ""
     if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(loc, valid_keys, n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"unknown config key {loc!r}{hint}"
+        valid = [*extra_keys, *fields_at(schema, tuple(err["loc"][:-1]))]
+        close = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else ""
+        return f"unknown key '{key}'{at}{hint} Valid keys here: {', '.join(valid)}"
+    if err["type"] == "missing":
+        return f"missing key '{key}'{at}"
+    got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
     msg = err["msg"].removeprefix("Value error, ")
     if not loc:  # whole-model checks name their fields in the message itself
-        return msg
-    return f"{loc!r}: {msg} (got {err['input']!r})"
+        return f"{where}: {msg}" if where else msg
+    return f"bad value for '{key}'{at}: {msg}{got}"
 
 
 def validate_config(name: str, config: BaseModel | dict | None = None, **cfg: Any) -> BaseModel:
     """A validated config for env `name` from a config object and/or keyword overrides."""
-    spec = _spec(name)
+    env = spec(name)
     values = dict(cfg)
     if isinstance(config, BaseModel):
         values = {**config.model_dump(exclude_unset=True), **values}
     elif isinstance(config, dict):
         values = {**config, **values}
     elif config is not None:
-        raise EnvConfigError(f"{name}: config must be a dict or {spec.config_cls.__name__}")
+        raise EnvConfigError(f"{name}: config must be a dict or {env.config_cls.__name__}")
     try:
-        return spec.config_cls(**values)
+        return env.config_cls(**values)
     except ValidationError as e:
-        valid_keys = list(spec.config_cls.model_fields)
-        problems = [_describe_error(err, valid_keys) for err in e.errors()]
-        if any(err["type"] == "extra_forbidden" for err in e.errors()):
-            problems.append(f"valid keys: {valid_keys}")
+        problems = [describe_error(err, env.config_cls) for err in e.errors()]
         raise EnvConfigError(f"{name} config: " + "; ".join(problems)) from None
+
+
+def validate_demo_options(name: str, options: dict) -> DemoOptions:
+    """The demonstration options of env `name`, validated by its own schema."""
+    schema = spec(name).demo_options
+    try:
+        return schema(**options)
+    except ValidationError as e:
+        problems = [describe_error(err, schema) for err in e.errors()]
+        raise EnvConfigError(f"{name} demonstration options: " + "; ".join(problems)) from None
+
+
+def demonstrations(name: str, source: TaskSource, split: str, n: int, seed: int = 0,
+                   **options: Any) -> Iterator[dict]:
+    """Expert demonstrations of env `name` for SFT, on the first n tasks of `split` of `source`:
+    dicts its Format.segments() reads (most have `prompt` and `completion`)."""
+    builder = spec(name).demos
+    if builder is None:
+        raise EnvConfigError(f"env {name!r} has no expert demonstrations to imitate")
+    return builder(source, split, n, seed, **options)
 
 
 def make(name: str, config: BaseModel | dict | None = None, /, **cfg: Any) -> TextEnv:
     """Build the env `name` from keyword config values (validated; EnvConfigError if bad)."""
-    return _spec(name).env_cls(validate_config(name, config, **cfg))
+    return spec(name).env_cls(validate_config(name, config, **cfg))
 
 
 def make_tasks(name: str, config: BaseModel | dict | None = None, /, **cfg: Any) -> TaskSource:
     """Build the task source of env `name` from the same config values as make()."""
-    return _spec(name).tasks_cls(validate_config(name, config, **cfg))
+    return spec(name).tasks_cls(validate_config(name, config, **cfg))

@@ -68,12 +68,22 @@ class EpisodeStats:
     episodes: int = 0
     turns: int = 0
     policy_tokens: int = 0
-    env_tokens: int = 0
     generate_s: float = 0.0
     env_s: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
+
+
+@dataclass
+class _Episode:
+    """One episode in play: its trajectory and what the next turn needs."""
+
+    traj: Trajectory
+    session: int  # the engine's key for this conversation's KV cache
+    last_obs: str = ""  # the env's latest observation (formats turn completions into actions with it)
+    choices: list[str] | None = None  # what the policy may write next (rollout.constrain_actions)
+    room: int = 0  # tokens left in the episode's budget
 
 
 def episode_seed(*parts: Any) -> int:
@@ -97,6 +107,16 @@ class EpisodeRunner:
         self.envs: list[Any] = []
         self._pool = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="env")
         self._sessions = 0
+
+    @classmethod
+    def for_env(cls, engine, tokenizer, env_name: str, env_options: dict, cfg: RolloutConfig,
+                max_episode_tokens: int) -> EpisodeRunner:
+        """A runner of the registered env `env_name` (its config validated once, its own format)."""
+        import envs
+
+        env_cfg = envs.validate_config(env_name, env_options)
+        return cls(engine, tokenizer, lambda: envs.make(env_name, env_cfg), envs.format_for(env_name), cfg,
+                   max_episode_tokens)
 
     def _stop_tokens(self, text: str) -> list[int]:
         """Every token whose text contains the stop text: under phrase-level BPE a line ends in
@@ -123,107 +143,125 @@ class EpisodeRunner:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="env")
             return None, f"timeout after {self.cfg.env_timeout_s:g}s in {getattr(fn, '__name__', 'env call')}"
-        except Exception as e:  # noqa: BLE001 — any env failure is an infra error, not a policy failure
+        except Exception as e:  # any env failure is an infra error, not a policy failure
             return None, f"{type(e).__name__}: {e}"
 
     def play(self, tasks: Sequence[dict], group_size: int = 1, seed: int = 0, temperature: float | None = None,
-             ) -> tuple[list[Trajectory], EpisodeStats]:
-        """Play `group_size` episodes of each task; returns trajectories in (task, member) order."""
+             first_group: int = 0) -> tuple[list[Trajectory], EpisodeStats]:
+        """Play `group_size` episodes of each task; returns trajectories in (task, member) order.
+
+        Task k of this call is group `first_group + k`, and every seed derives from (seed, global
+        episode index): a pool that splits one batch across workers hands each its `first_group`,
+        so one worker and the in-process runner play exactly the same episodes.
+        """
         n = len(tasks) * group_size
         while len(self.envs) < n:
             self.envs.append(self.env_factory())
-        temp = self.cfg.temperature if temperature is None else temperature
+        episodes = [_Episode(Trajectory(task=tasks[i // group_size], group=first_group + i // group_size),
+                             session=self._next_session()) for i in range(n)]
+        first_episode = first_group * group_size
         stats = EpisodeStats(episodes=n)
-        trajs = [Trajectory(task=tasks[i // group_size], group=i // group_size) for i in range(n)]
-        sessions = [self._next_session() for _ in range(n)]
-        last_obs: list[str] = [""] * n
-        choices: list[list[str] | None] = [None] * n  # what each episode may say next (constrain_actions)
-        live: list[int] = []
-        bos = [self.tokenizer.bos_token_id]
-
-        t0 = time.perf_counter()
-        for i, tr in enumerate(trajs):
-            out, err = self._call(self.envs[i].reset, seed=episode_seed(seed, i), options={"task": tr.task})
-            if err:
-                tr.infra_error = f"reset: {err}"
-                self.envs[i] = self.env_factory()
-                continue
-            obs, info = out
-            last_obs[i] = obs
-            choices[i] = self.fmt.choices(info)
-            tr.append(bos + self._encode(self.fmt.prompt(obs)), policy=False)
-            live.append(i)
-        stats.env_s += time.perf_counter() - t0
-
+        live = self._reset_all(episodes, seed, first_episode, stats)
+        params = dict(temperature=self.cfg.temperature if temperature is None else temperature, top_p=self.cfg.top_p,
+                      stop_token_ids=self.stop_ids)
         turn = 0
         while live:
-            # Episodes at their token budget end here; the rest generate one turn together.
-            room = {i: self.max_episode_tokens - len(trajs[i].token_ids) for i in live}
-            for i in [i for i in live if room[i] <= 0]:
-                trajs[i].truncated = "episode_tokens"
-                live.remove(i)
+            live = self._end_over_budget(episodes, live)
             if not live:
                 break
-            params = SamplingParams(
-                max_new_tokens=min(self.cfg.max_turn_tokens, max(room[i] for i in live)),
-                temperature=temp, top_p=self.cfg.top_p, stop_token_ids=self.stop_ids,
-                seed=episode_seed(seed, "turn", turn),
-            )
-            t0 = time.perf_counter()
-            constrained = {}
-            if self.cfg.constrain_actions:
-                constrained["choices"] = [self._encode_many(choices[i]) if choices[i] else None for i in live]
-            completions = self.engine.generate([trajs[i].token_ids for i in live], params,
-                                               sessions=[sessions[i] for i in live], **constrained)
-            stats.generate_s += time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            still_live = []
-            for i, comp in zip(live, completions):
-                tr = trajs[i]
-                ids, logps = comp.token_ids[: room[i]], comp.logprobs[: room[i]]
-                tr.append(ids, policy=True, logprobs=logps, allowed=comp.allowed and comp.allowed[: room[i]])
-                tr.turns += 1
-                stats.turns += 1
-                stats.policy_tokens += len(ids)
-                if len(ids) < len(comp.token_ids):  # cut by the episode budget: no action is taken
-                    tr.add_turn_reward(0.0)
-                    tr.truncated = "episode_tokens"
-                    continue
-                if comp.finish_reason == "length":
-                    tr.cut_turns += 1  # recorded; the cut text is still the action
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                action = self.fmt.action(last_obs[i], text)
-                out, err = self._call(self.envs[i].step, action)
-                if err:
-                    tr.add_turn_reward(0.0)
-                    tr.infra_error = f"step: {err}"
-                    self.envs[i] = self.env_factory()
-                    continue
-                obs, reward, terminated, truncated, info = out
-                if info.get("infra_error"):
-                    tr.infra_error = str(info["infra_error"])
-                tr.add_turn_reward(reward)
-                tr.won = bool(info.get("won", False))
-                tr.final_info = {k: v for k, v in info.items() if k not in ("admissible_actions",)}
-                if terminated or truncated or tr.infra_error:
-                    if truncated and not terminated:
-                        tr.truncated = "max_turns"
-                    continue
-                obs_ids = self._encode(self.fmt.observation(obs, action, text))
-                stats.env_tokens += len(obs_ids)
-                tr.append(obs_ids, policy=False)
-                last_obs[i] = obs
-                choices[i] = self.fmt.choices(info)
-                still_live.append(i)
-            stats.env_s += time.perf_counter() - t0
-            live = still_live
+            sampling = SamplingParams(max_new_tokens=min(self.cfg.max_turn_tokens, max(episodes[i].room for i in live)),
+                                      seed=episode_seed(seed, "turn", first_group, turn), **params)
+            completions = self._generate_turn(episodes, live, sampling, stats)
+            live = self._step_envs(episodes, live, completions, stats)
             turn += 1
 
-        self.engine.release(sessions)
+        self.engine.release([ep.session for ep in episodes])
+        trajs = [ep.traj for ep in episodes]
         for tr in trajs:
             tr.check()
         return trajs, stats
+
+    def _reset_all(self, episodes: list[_Episode], seed: int, first_episode: int, stats: EpisodeStats) -> list[int]:
+        """Reset every env on its task; the prompt opens each conversation. Returns the live episodes."""
+        t0 = time.perf_counter()
+        live = []
+        bos = [self.tokenizer.bos_token_id]
+        for i, ep in enumerate(episodes):
+            out, err = self._call(self.envs[i].reset, seed=episode_seed(seed, first_episode + i),
+                                  options={"task": ep.traj.task})
+            if err:
+                ep.traj.infra_error = f"reset: {err}"
+                self.envs[i] = self.env_factory()
+                continue
+            obs, info = out
+            ep.last_obs, ep.choices = obs, self.fmt.choices(info)
+            ep.traj.append(bos + self._encode(self.fmt.prompt(obs)), policy=False)
+            live.append(i)
+        stats.env_s += time.perf_counter() - t0
+        return live
+
+    def _end_over_budget(self, episodes: list[_Episode], live: list[int]) -> list[int]:
+        """Episodes at their token budget end here (truncated); the rest go on."""
+        for i in live:
+            episodes[i].room = self.max_episode_tokens - len(episodes[i].traj.token_ids)
+            if episodes[i].room <= 0:
+                episodes[i].traj.truncated = "episode_tokens"
+        return [i for i in live if episodes[i].room > 0]
+
+    def _generate_turn(self, episodes: list[_Episode], live: list[int], params: SamplingParams,
+                       stats: EpisodeStats) -> list:
+        """One batched engine call: the next turn of every live episode (sessions keep their KV)."""
+        t0 = time.perf_counter()
+        constrained = {}
+        if self.cfg.constrain_actions:
+            constrained["choices"] = [self._encode_many(episodes[i].choices) if episodes[i].choices else None
+                                      for i in live]
+        completions = self.engine.generate([episodes[i].traj.token_ids for i in live], params,
+                                           sessions=[episodes[i].session for i in live], **constrained)
+        stats.generate_s += time.perf_counter() - t0
+        return completions
+
+    def _step_envs(self, episodes: list[_Episode], live: list[int], completions: list,
+                   stats: EpisodeStats) -> list[int]:
+        """Append each completion (policy tokens), step its env with the action, append the reply
+        (env tokens). Returns the episodes still live."""
+        t0 = time.perf_counter()
+        still_live = []
+        for i, comp in zip(live, completions):
+            ep, tr = episodes[i], episodes[i].traj
+            ids, logps = comp.token_ids[: ep.room], comp.logprobs[: ep.room]
+            tr.append(ids, policy=True, logprobs=logps, allowed=comp.allowed and comp.allowed[: ep.room])
+            tr.turns += 1
+            stats.turns += 1
+            stats.policy_tokens += len(ids)
+            if len(ids) < len(comp.token_ids):  # cut by the episode budget: no action is taken
+                tr.add_turn_reward(0.0)
+                tr.truncated = "episode_tokens"
+                continue
+            if comp.finish_reason == "length":
+                tr.cut_turns += 1  # recorded; the cut text is still the action
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            action = self.fmt.action(ep.last_obs, text)
+            out, err = self._call(self.envs[i].step, action)
+            if err:
+                tr.add_turn_reward(0.0)
+                tr.infra_error = f"step: {err}"
+                self.envs[i] = self.env_factory()
+                continue
+            obs, reward, terminated, truncated, info = out
+            if info.get("infra_error"):
+                tr.infra_error = str(info["infra_error"])
+            tr.add_turn_reward(reward)
+            tr.won = bool(info.get("won", False))
+            if terminated or truncated or tr.infra_error:
+                if truncated and not terminated:
+                    tr.truncated = "max_turns"
+                continue
+            tr.append(self._encode(self.fmt.observation(obs, action, text)), policy=False)
+            ep.last_obs, ep.choices = obs, self.fmt.choices(info)
+            still_live.append(i)
+        stats.env_s += time.perf_counter() - t0
+        return still_live
 
     def _next_session(self) -> int:
         self._sessions += 1
@@ -234,5 +272,5 @@ class EpisodeRunner:
         for env in self.envs:
             try:
                 env.close()
-            except Exception:  # noqa: BLE001 — closing a broken env must not mask the real result
+            except Exception:  # closing a broken env must not mask the real result
                 pass

@@ -33,7 +33,6 @@ class Trajectory:
     truncated: str | None = None
     cut_turns: int = 0  # turns that hit the per-turn token limit (their cut text was still played)
     infra_error: str | None = None  # the env raised or hung: dropped from the update
-    final_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def episode_return(self) -> float:

@@ -4,8 +4,10 @@
     trajs, stats = pool.play(tasks, group_size=8, seed=it)
     pool.update_weights(learner.policy_state_dict())   # one object-store put, every actor loads it
 
-`num_workers: 0` plays in the calling process (no Ray): the same code path, handy for debugging
-and for tests that must be bit-reproducible.
+`num_workers: 0` plays in the calling process (no Ray): the same code path and the same seeds, so
+it plays exactly the episodes one Ray worker would (handy for debugging). With several workers
+each plays a contiguous share of the tasks with the same per-episode reset seeds; sampling draws
+per engine call, so the tokens sampled depend on how the batch was split.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from agents.model import load_pretrained
 from rollout.runner import EpisodeRunner, RolloutConfig
 from rollout.trajectory import Trajectory
 
@@ -72,20 +75,16 @@ class RolloutWorker:
     """One engine + its environments. Used directly (in-process) or as a Ray actor."""
 
     def __init__(self, spec: WorkerSpec, cfg: RolloutConfig, threads: int | None = None):
-        import envs
-        from agents.formats import format_for
-        from algos.checkpoint import load_policy
-
         if threads:
             torch.set_num_threads(threads)
-        model, tokenizer = load_policy(spec.policy_folder, device="cpu")
+        model, tokenizer = load_pretrained(spec.policy_folder, device="cpu")
         engine = make_engine(cfg.backend, model, tokenizer, spec, cfg)
-        env_cfg = envs.validate_config(spec.env_name, spec.env_options)
-        self.runner = EpisodeRunner(engine, tokenizer, lambda: envs.make(spec.env_name, env_cfg),
-                                    format_for(spec.env_name), cfg, spec.max_episode_tokens)
+        self.runner = EpisodeRunner.for_env(engine, tokenizer, spec.env_name, spec.env_options, cfg,
+                                            spec.max_episode_tokens)
 
-    def play(self, tasks: Sequence[dict], group_size: int, seed: int, temperature: float | None = None):
-        trajs, stats = self.runner.play(tasks, group_size, seed, temperature)
+    def play(self, tasks: Sequence[dict], group_size: int, seed: int, temperature: float | None = None,
+             first_group: int = 0):
+        trajs, stats = self.runner.play(tasks, group_size, seed, temperature, first_group)
         return trajs, stats.as_dict()
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> float:
@@ -130,10 +129,6 @@ class RolloutPool:
         self.actors = [self._new_actor() for _ in range(cfg.num_workers)]
         ray.get([a.ping.remote() for a in self.actors])  # surface construction errors here
 
-    @property
-    def size(self) -> int:
-        return max(1, len(self.actors))
-
     def play(self, tasks: Sequence[dict], group_size: int, seed: int,
              temperature: float | None = None) -> tuple[list[Trajectory], dict[str, float]]:
         if self.local is not None:
@@ -142,7 +137,9 @@ class RolloutPool:
 
         k = len(self.actors)
         bounds = [round(j * len(tasks) / k) for j in range(k + 1)]
-        calls = [(j, a.play.remote(list(tasks[bounds[j]:bounds[j + 1]]), group_size, seed * 1000 + j, temperature))
+        # Each share keeps its global group ids and seeds (first_group): one worker plays exactly
+        # what the in-process runner would.
+        calls = [(j, a.play.remote(list(tasks[bounds[j]:bounds[j + 1]]), group_size, seed, temperature, bounds[j]))
                  for j, a in enumerate(self.actors) if bounds[j + 1] > bounds[j]]
         trajs: list[Trajectory] = []
         stats: dict[str, float] = {}
@@ -153,9 +150,7 @@ class RolloutPool:
                 # A worker process died (an env's native code can take it down). Replace it, give
                 # it the current weights and replay its share once; a second death is an error.
                 part, part_stats = self._replay_on_new_actor(j, e, list(tasks[bounds[j]:bounds[j + 1]]),
-                                                             group_size, seed * 1000 + j, temperature)
-            for tr in part:
-                tr.group += bounds[j]  # group ids are per call: make them global
+                                                             group_size, seed, temperature, bounds[j])
             trajs += part
             for key, v in part_stats.items():
                 # Phases run in parallel across workers: time is the slowest worker's, counts add up.
@@ -163,7 +158,7 @@ class RolloutPool:
         return trajs, stats
 
     def _replay_on_new_actor(self, j: int, err: Exception, tasks: list[dict], group_size: int, seed: int,
-                             temperature: float | None):
+                             temperature: float | None, first_group: int):
         import ray
 
         warnings.warn(f"rollout worker {j} died ({str(err).splitlines()[0][:200]}); replacing it and "
@@ -172,7 +167,7 @@ class RolloutPool:
         self.actors[j] = actor = self._new_actor()
         if self._weights_ref is not None:
             ray.get(actor.update_weights.remote(self._weights_ref))
-        return ray.get(actor.play.remote(tasks, group_size, seed, temperature))
+        return ray.get(actor.play.remote(tasks, group_size, seed, temperature, first_group))
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> float:
         """Push new policy weights to every worker; returns the wall seconds it took."""

@@ -7,11 +7,11 @@ import time
 from pydantic import Field
 
 import envs
-from agents.formats import FORMATS, SearchLineFormat
 from agents.model import ModelConfig, build_model
 from agents.tokenizer import TokenizerConfig, train_tokenizer
 from algos.config import Experiment
 from envs.base import BaseEnvConfig, TaskSource, TextEnv, make_info
+from envs.countdown.format import SearchLineFormat
 
 # Turn t wants a line that starts with one of GOOD[t]; a random policy wins both turns ~5% of the time.
 GOOD = (string.ascii_letters + string.digits, string.ascii_lowercase)
@@ -27,10 +27,11 @@ class ToyTasks(TaskSource):
         self.config = config
 
     def splits(self):
-        return ["train", "heldout"]
+        return ["train", "valid", "heldout"]
 
-    def tasks(self, split):
-        return [{"id": f"{split}{i}", "n": i} for i in range(4 if split == "train" else 2)]
+    def tasks(self, split):  # disjoint splits: train n = 0..3, valid 10..11, heldout 20..21
+        first = {"train": 0, "valid": 10, "heldout": 20}[split]
+        return [{"id": f"{split}{i}", "n": first + i} for i in range(4 if split == "train" else 2)]
 
 
 class ToyEnv(TextEnv):
@@ -60,8 +61,7 @@ class ToyEnv(TextEnv):
         return obs, reward, done, False, make_info(won, {"good": float(ok)})
 
 
-envs.register("toy_two_turn", ToyEnv, ToyConfig, ToyTasks)
-FORMATS.setdefault("toy_two_turn", SearchLineFormat())
+envs.register("toy_two_turn", ToyEnv, ToyConfig, ToyTasks, format=SearchLineFormat())
 
 _TOKENIZER = None
 

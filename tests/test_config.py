@@ -49,7 +49,8 @@ def test_impossible_values_fail(tiny_recipe):
         load_config(tiny_recipe, ["rollout.constrain_actions=true"])
     with pytest.raises(ConfigError, match=r"rollout.constrain_actions needs rollout.backend=torch"):
         load_config("configs/textworld_w2o3q4_ppo.yaml", ["rollout.constrain_actions=true", "rollout.backend=vllm"])
-    assert load_config("configs/textworld_w2o3q4_ppo.yaml", ["rollout.constrain_actions=true"]).rollout.constrain_actions
+    exp = load_config("configs/textworld_w2o3q4_ppo.yaml", ["rollout.constrain_actions=true"])
+    assert exp.rollout.constrain_actions
 
 
 def test_rollout_placement_defaults_and_refuses_a_gpu_worker_without_a_gpu(tiny_recipe, monkeypatch):
@@ -111,3 +112,23 @@ def test_optimal_baseline_differs_from_sos_only_in_demo_format():
     a, b = sos.model_dump(exclude={"name", "out_dir"}), opt.model_dump(exclude={"name", "out_dir"})
     a["sft"]["demos"].pop("format"), b["sft"]["demos"].pop("format")
     assert a == b
+
+
+def test_demo_options_are_checked_by_the_envs_own_schema(tiny_recipe):
+    with pytest.raises(ConfigError, match=r"unknown key 'sft.demos.beams' \(command-line override\)"
+                                          r".*Valid keys here: num_examples, mistakes$"):
+        load_config(REPO / "configs/textworld_w2o3q4_ppo.yaml", ["sft.demos.beams=[1]"])
+    tiny_recipe.write_text(tiny_recipe.read_text().replace("    strategies: [dfs]", "    strategy: [dfs]"))
+    with pytest.raises(ConfigError, match=r"unknown key 'sft.demos.strategy' \(in .*tiny.yaml\); "
+                                          r"did you mean 'sft.demos.strategies'"):
+        load_config(tiny_recipe)
+    with pytest.raises(ConfigError, match=r"bad value for 'sft.demos.format' \(command-line override\)"):
+        load_config(REPO / "configs/countdown3_sos.yaml", ["sft.demos.format=greedy"])
+
+
+def test_demo_options_at_their_default_share_the_data_cache(tiny_recipe):
+    from algos.data import data_folder
+
+    plain = data_folder(load_config(tiny_recipe))
+    assert data_folder(load_config(tiny_recipe, ["sft.demos.beams=[1,2,3,4,5]"])) == plain  # the env's default
+    assert data_folder(load_config(tiny_recipe, ["sft.demos.beams=[1]"])) != plain

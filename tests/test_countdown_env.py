@@ -297,7 +297,7 @@ def test_mistake_demos_read_exactly_like_multi_turn_play():
     """A demo with a rejected move spliced in is what the multi-turn env and its format write
     when the policy plays the demo's lines, wrong one included; SFT trains on the stream around
     it but not on the wrong line or the env's reply, and the stream itself is unchanged."""
-    from agents.formats import format_for
+    from envs import format_for
 
     fmt = format_for("countdown_search")
     probs = CountdownTasks(CountdownConfig(num_inputs=3, max_number=10, heldout_size=60)).problems("heldout_seen")

@@ -66,11 +66,36 @@ def test_every_problem_is_solvable_and_in_range(num_inputs):
 
 
 def test_target_split():
-    seen, unseen = split_targets(CountdownConfig())
-    assert len(unseen) == 9 and len(seen) == 82  # 10% of the 91 targets 10..100, as the paper
-    assert not set(seen) & set(unseen)
-    assert sorted(seen + unseen) == list(range(10, 101))
-    assert split_targets(CountdownConfig(seed=1))[1] != unseen
+    seen, valid, unseen = split_targets(CountdownConfig())
+    # 10% of the 91 targets 10..100 unseen, as the paper; another 10% for the valid split
+    assert len(unseen) == 9 and len(valid) == 9 and len(seen) == 73
+    assert not set(seen) & set(unseen) and not set(seen) & set(valid) and not set(valid) & set(unseen)
+    assert sorted(seen + valid + unseen) == list(range(10, 101))
+    assert split_targets(CountdownConfig(seed=1))[2] != unseen
+    # the test split keeps the unseen targets it had before the valid split existed
+    assert unseen == [17, 18, 21, 29, 36, 39, 51, 54, 86]
+    assert split_targets(CountdownConfig(valid_target_frac=0.0)) == (sorted(seen + valid), [], unseen)
+
+
+def test_valid_split_is_unseen_targets_of_its_own():
+    source = tasks(train_size=500, heldout_size=100)
+    assert source.splits() == ["train", "valid", "heldout_seen", "heldout_unseen"]
+    valid = source.problems("valid")
+    assert {p.target for p in valid} <= set(source.valid_targets)
+    assert len({p.key for p in valid}) == len(valid)
+    others = {p.target for split in ("train", "heldout_seen", "heldout_unseen") for p in source.problems(split)}
+    assert not others & set(source.valid_targets)
+
+
+def test_rl_train_draws_share_no_problem_with_valid_or_any_test_split():
+    # sample_tasks is the path RL draws its train tasks from (fresh problems, not the train split)
+    source = tasks(num_inputs=3, max_number=20, train_size=50, heldout_size=60)
+    drawn = source.sample_tasks("train", 500, random.Random(0))
+    drawn_keys = {source.task_key(t) for t in drawn}
+    assert len(drawn_keys) > 100
+    for split in source.heldout_splits():
+        assert not drawn_keys & {source.task_key(t) for t in source.tasks(split)}, split
+    assert not {t["target"] for t in drawn} & set(source.valid_targets + source.unseen_targets)
 
 
 def test_heldout_splits_never_overlap_train():
@@ -108,8 +133,9 @@ def test_too_small_problem_space_raises_instead_of_hanging():
               unseen_target_frac=0.0).problems("train", 1)
 
 
-def test_no_unseen_split_when_no_target_is_held_out():
-    assert tasks(unseen_target_frac=0.0).splits() == ["train", "heldout_seen"]
+def test_no_unseen_or_valid_split_when_no_target_is_held_out_for_it():
+    assert tasks(unseen_target_frac=0.0).splits() == ["train", "valid", "heldout_seen"]
+    assert tasks(unseen_target_frac=0.0, valid_target_frac=0.0).splits() == ["train", "heldout_seen"]
 
 
 @pytest.mark.parametrize(

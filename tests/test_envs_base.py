@@ -1,5 +1,7 @@
 """The shared env interface: registry, config errors, info keys, task splits."""
 
+import itertools
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -109,20 +111,36 @@ def test_env_contract(name, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_task_splits_deterministic_and_heldout_disjoint(name, tmp_path_factory):
+def test_task_splits_deterministic_pairwise_disjoint_with_a_valid_split(name, tmp_path_factory):
     cfg = small_config(name, tmp_path_factory)
     source = envs.make_tasks(name, **cfg)
     assert isinstance(source, TaskSource)
     splits = source.splits()
-    assert splits[0] == "train" and len(splits) >= 2
+    assert splits[0] == "train" and "valid" in splits and len(splits) >= 3
     again = envs.make_tasks(name, **cfg)
-    train_keys = {source.task_key(t) for t in source.tasks("train")}
+    keys = {}
     for split in splits:
         tasks = source.tasks(split)
         assert tasks == again.tasks(split)
-        if split != "train":
-            assert tasks, split
-            assert not train_keys & {source.task_key(t) for t in tasks}, split
+        assert tasks, split
+        keys[split] = {source.task_key(t) for t in tasks}
+    for a, b in itertools.combinations(splits, 2):
+        assert not keys[a] & keys[b], (a, b)
+    # RL draws its train tasks through sample_tasks: never a valid or test task
+    drawn = {source.task_key(t) for t in source.sample_tasks("train", 200, random.Random(0))}
+    for split in source.heldout_splits():
+        assert not drawn & keys[split], split
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_each_env_registers_its_format_and_demo_options(name):
+    spec = envs.spec(name)
+    assert isinstance(spec.format, envs.Format) and envs.format_for(name) is spec.format
+    assert issubclass(spec.demo_options, envs.DemoOptions) and spec.demos is not None
+    assert "mistakes" in spec.demo_options.model_fields
+    hint = "Valid keys here: mistakes$" if name == "textworld" else "did you mean 'beams'"
+    with pytest.raises(EnvConfigError, match=rf"{name} demonstration options: unknown key 'beam'.*{hint}"):
+        envs.validate_demo_options(name, {"beam": [1]})
 
 
 def test_unknown_split_is_an_error():

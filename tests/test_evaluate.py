@@ -1,5 +1,5 @@
 """Evaluation summaries group failures by kind, without the particular numbers."""
-from algos.evaluate import failure_kind
+from envs.countdown.stats import failure_kind
 
 
 def test_failure_kinds_drop_particulars_but_keep_the_kind():

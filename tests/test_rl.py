@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 from rl_helpers import GOOD, rl_experiment, tiny_policy, tiny_tokenizer
 
 import envs
-from agents.formats import format_for
-from algos.advantages import gae, group_baselines, returns_to_go
+from algos.advantages import compute_advantages, gae, group_baselines, returns_to_go
 from algos.learner import Batch, Learner
+from envs import format_for
 from rollout.engine import Completion, TorchEngine
 from rollout.runner import EpisodeRunner, RolloutConfig
 
@@ -53,18 +54,19 @@ def test_group_baselines_grpo_and_rloo_by_hand():
 
 
 def test_loss_weights_token_and_episode_by_hand():
-    from algos.losses import loss_weights, masked_mean
+    from algos.losses import loss_weights, weighted_sum
 
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
     x = torch.tensor([[1.0, 2.0, 3.0, 99.0], [99.0, 10.0, 99.0, 99.0]])
     token, episode = loss_weights(mask, "token"), loss_weights(mask, "episode")
-    assert torch.allclose(token, mask / 4) and float(masked_mean(x, token)) == pytest.approx(16 / 4)
+    assert torch.allclose(token, mask / 4) and float(weighted_sum(x, token)) == pytest.approx(16 / 4)
     assert torch.allclose(episode, torch.tensor([[1 / 6, 1 / 6, 1 / 6, 0], [0, 1 / 2, 0, 0]]))
-    assert float(masked_mean(x, episode)) == pytest.approx((2.0 + 10.0) / 2)  # mean of episode means
-    assert float(masked_mean(x, mask)) == pytest.approx(16 / 4)  # a 0/1 mask: the plain token mean
+    assert float(weighted_sum(x, episode)) == pytest.approx((2.0 + 10.0) / 2)  # mean of episode means
+    # the weights of a mini-batch split into micro-batches: the parts' sums add up to the whole's
+    assert float(weighted_sum(x[:1], episode[:1]) + weighted_sum(x[1:], episode[1:])) == pytest.approx(6.0)
 
 
-def test_group_credit_to_go_and_episode_by_hand(tmp_path):
+def test_group_credit_to_go_and_episode_by_hand():
     """Dense rewards, one RLOO group of two 2-turn episodes: returns (0.5+0.5) and (0.5+0).
     to_go credits each turn with the reward from it on; episode gives every token R − baseline."""
     from rollout.trajectory import Trajectory
@@ -84,9 +86,8 @@ def test_group_credit_to_go_and_episode_by_hand(tmp_path):
     # to_go: member 0's G = (1.0, 1.0, 0.5) against the other's R = 0.5, member 1's (0.5, 0.5, 0) against 1.0
     for credit, want in [("to_go", [0.5, 0.5, 0.0, -0.5, -0.5, -1.0]),
                          ("episode", [0.5, 0.5, 0.5, -0.5, -0.5, -0.5])]:
-        learner = Learner(rl_experiment(tmp_path, algo="rloo", group_credit=credit), tiny_policy(tok),
-                          tok.pad_token_id)
-        adv, _ = learner.advantages(batch, torch.zeros_like(batch.mask))
+        cfg = rl_experiment(Path("unused"), algo="rloo", group_credit=credit).rl
+        adv, _ = compute_advantages("rloo", batch.rewards, batch.mask, None, batch.groups, cfg)
         got = adv[batch.mask.bool()].tolist()
         assert got == pytest.approx(want), credit
 
@@ -160,14 +161,18 @@ def test_env_that_raises_or_hangs_is_an_infra_error_and_the_rest_go_on():
     assert trajs[0].infra_error is None and trajs[0].turns == 2
 
 
-def test_learner_drops_nothing_it_is_given_and_skips_empty():
-    from algos.rl import rollout_metrics
+def test_infra_error_episodes_are_counted_not_scored_nor_learned_from(tmp_path):
+    from algos.evaluate import summarize
 
     tok = tiny_tokenizer()
     line = tok.encode("s", add_special_tokens=False) + tok.encode("\n", add_special_tokens=False)
     trajs, stats = _runner(ScriptedEngine(line), fail_on="step").play([{"id": "t"}], group_size=3)
-    m = rollout_metrics(trajs, stats.as_dict())
-    assert m["infra_errors"] == 3 and m["reward"] == 0.0
+    m = summarize(trajs, stats.as_dict())
+    assert m["infra_errors"] == 3 and m["mean_return"] == 0.0 and m["tasks"] == 0
+    # the learner itself drops them: a batch of only infra errors is no update
+    # (tests/test_learner.py checks that a mixed batch updates exactly as its healthy episodes)
+    learner = Learner(rl_experiment(tmp_path), tiny_policy(tok), tok.pad_token_id)
+    assert learner.update(trajs) == {}
 
 
 # -- learning: each algorithm raises the toy task's reward --------------------------------------
@@ -305,7 +310,7 @@ def test_rl_loop_resume_equals_uninterrupted_run(tmp_path):
     import json
 
     rows = [json.loads(x) for x in (tmp_path / "cut" / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(r["step"] for r in rows if "train/reward" in r) == [1, 2, 3, 4]
+    assert sorted(r["step"] for r in rows if "train/mean_return" in r) == [1, 2, 3, 4]
 
 
 def test_rl_tasks_can_skip_the_games_sft_imitated(tmp_path, monkeypatch):
@@ -341,13 +346,38 @@ def test_rl_tasks_can_skip_the_games_sft_imitated(tmp_path, monkeypatch):
 def test_held_out_evals_can_add_sampled_success(tmp_path, capsys):
     """rl.eval_samples plays that many more episodes per held-out task at rollout.temperature; at
     temperature 0 they replay the greedy episode, so their success must equal greedy success."""
+    from algos.rl import evaluate_pool, train_rl
+    from rollout.worker import RolloutPool, WorkerSpec
+
+    folder = _policy_folder(tmp_path)
+    exp = rl_experiment(tmp_path, iterations=1, save_every=1, eval_samples=3)
+    out = train_rl(exp, folder)
+    for when in ("before", "after"):
+        assert 0.0 <= out[when]["sampled_accuracy"] <= 1.0, when
+    assert "sampled" in capsys.readouterr().out
+    spec = WorkerSpec(policy_folder=str(folder), env_name="toy_two_turn", env_options={}, max_episode_tokens=256)
+    pool = RolloutPool(spec, exp.rollout)
+    try:
+        tasks = envs.make_tasks("toy_two_turn").tasks("heldout")
+        summary, _ = evaluate_pool(pool, tasks, seed=0, samples=3, temperature=0.0)
+        assert summary["sampled_accuracy"] == summary["accuracy"]
+    finally:
+        pool.shutdown()
+    exp = rl_experiment(tmp_path / "greedy_only", iterations=1, save_every=1)
+    assert "sampled_accuracy" not in train_rl(exp, folder)["after"]
+
+
+def test_periodic_evals_read_the_valid_split_and_the_end_the_test_split(tmp_path, monkeypatch):
+    import algos.rl
     from algos.rl import train_rl
 
-    exp = rl_experiment(tmp_path, iterations=1, save_every=1, eval_samples=3)
-    exp.rollout.temperature = 0.0
-    out = train_rl(exp, _policy_folder(tmp_path))
-    for when in ("before", "after"):
-        assert out[when]["sampled_accuracy"] == out[when]["accuracy"], when
-    assert "sampled" in capsys.readouterr().out
-    exp = rl_experiment(tmp_path / "greedy_only", iterations=1, save_every=1)
-    assert "sampled_accuracy" not in train_rl(exp, _policy_folder(tmp_path))["after"]
+    played = []
+    real = algos.rl.evaluate_pool
+
+    def spy(pool, tasks, *args, **kwargs):
+        played.append({t["id"][:-1] for t in tasks})
+        return real(pool, tasks, *args, **kwargs)
+
+    monkeypatch.setattr(algos.rl, "evaluate_pool", spy)
+    train_rl(rl_experiment(tmp_path, iterations=3, eval_every=1, save_every=3), _policy_folder(tmp_path))
+    assert played == [{"heldout"}, {"valid"}, {"valid"}, {"heldout"}]  # before, iterations 1 and 2, after

@@ -4,13 +4,13 @@ import json
 import pytest
 import torch
 
-from agents.formats import format_for
 from agents.tokenizer import TokenizerConfig, train_tokenizer
 from algos import recipes
 from algos.checkpoint import COMPLETE, CheckpointError, latest_checkpoint, load_policy
 from algos.config import load_config
 from algos.data import prepare_data, read_jsonl
 from algos.sft import IGNORE, collate, train_sft
+from envs import format_for
 
 
 def _setup(recipe, *overrides):

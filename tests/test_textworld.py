@@ -5,6 +5,7 @@ Generates ~10 tiny games once per session (about 15 s on one core) into a tempor
 
 import hashlib
 import json
+import random
 import shutil
 
 import pytest
@@ -69,24 +70,46 @@ def play(env, task, actions):
 
 
 def test_splits_have_the_configured_sizes_and_skip_dropped_seeds(source):
-    train, heldout = source.tasks("train"), source.tasks("heldout")
-    assert len(train) == 3 and len(heldout) == 2
+    train, heldout, valid = source.tasks("train"), source.tasks("heldout"), source.tasks("valid")
+    assert len(train) == 3 and len(heldout) == 2 and len(valid) == 2
     assert 1 not in [t["seed"] for t in train]
     assert [t["seed"] for t in train] == sorted(t["seed"] for t in train)
-    assert all(t["seed"] >= 1_000_000 for t in heldout)
+    assert all(1_000_000 <= t["seed"] < 2_000_000 for t in heldout)
+    assert all(t["seed"] >= 2_000_000 for t in valid)
     assert all(t["seed"] < 1_000_000 for t in train)
     kept = sum(r.kept for r in source.reports)
     assert source.generated == kept + sum(r.dropped for r in source.reports) > 0
     assert not (source.folder / f"{stem(1)}.z8").exists()  # the dropped seed was not rebuilt
 
 
-def test_train_and_heldout_share_no_game(source):
-    train_keys = {source.task_key(t) for t in source.tasks("train")}
-    heldout_keys = {source.task_key(t) for t in source.tasks("heldout")}
-    assert len(train_keys) == 3 and len(heldout_keys) == 2
-    assert not train_keys & heldout_keys
-    assert not {t["game"] for t in source.tasks("train")} & {t["game"] for t in source.tasks("heldout")}
-    assert source.heldout_splits() == ["heldout"]
+def test_no_two_splits_share_a_game_and_rl_draws_only_train_games(source):
+    keys = {split: {source.task_key(t) for t in source.tasks(split)} for split in source.splits()}
+    assert source.splits() == ["train", "valid", "heldout"] and source.heldout_splits() == ["valid", "heldout"]
+    assert [len(k) for k in keys.values()] == [3, 2, 2]
+    assert not keys["train"] & keys["heldout"] and not keys["train"] & keys["valid"]
+    assert not keys["valid"] & keys["heldout"]
+    games = {split: {t["game"] for t in source.tasks(split)} for split in source.splits()}
+    assert not games["train"] & (games["valid"] | games["heldout"])
+    # sample_tasks is what RL draws its train tasks from
+    drawn = {source.task_key(t) for t in source.sample_tasks("train", 30, random.Random(0))}
+    assert drawn == keys["train"]
+
+
+def test_valid_skips_a_game_that_train_or_heldout_holds(source, cfg, tmp_path):
+    # Plant train's first game as the first valid seed (two seeds that give one game): valid must
+    # pass over it, so tuning never reads a game that RL trains on.
+    shutil.copytree(source.folder, tmp_path / COMPLEXITY)
+    folder, first_valid = tmp_path / COMPLEXITY, source.tasks("valid")[0]["seed"]
+    train_game = source.tasks("train")[0]
+    meta = json.loads((folder / f"{stem(train_game['seed'])}.meta.json").read_text())
+    shutil.copy(folder / f"{stem(train_game['seed'])}.z8", folder / f"{stem(first_valid)}.z8")
+    (folder / f"{stem(first_valid)}.meta.json").write_text(json.dumps({**meta, "seed": first_valid}))
+    planted = envs.make_tasks("textworld", {**cfg, "cache_dir": str(tmp_path)})
+    valid = planted.tasks("valid")
+    assert first_valid not in [t["seed"] for t in valid] and len(valid) == 2
+    assert train_game["game_hash"] not in {t["game_hash"] for t in valid}
+    assert planted.tasks("train") == [{**t, "game": t["game"].replace(str(source.folder), str(folder))}
+                                      for t in source.tasks("train")]
 
 
 def test_same_seed_gives_the_same_game(source, tmp_path):
@@ -304,7 +327,7 @@ def test_folder_of_games_as_tasks(source, tmp_path):
 
 
 def test_demonstrations_are_what_the_env_shows(source, cfg):
-    demos = list(source.demonstrations("train", n=2, seed=0, admissible_commands=True))
+    demos = list(envs.demonstrations("textworld", source, "train", n=2, seed=0, admissible_commands=True))
     assert len(demos) == 2
     env = envs.make("textworld", cfg, admissible_commands=True)
     for demo in demos:
@@ -322,11 +345,13 @@ def test_demonstrations_are_what_the_env_shows(source, cfg):
 
 
 def test_detour_demos_recover_and_train_only_on_the_expert(source, cfg):
-    from agents.formats import format_for
+    from envs import format_for
 
-    plain = list(source.demonstrations("train", n=3, seed=0, admissible_commands=True))
-    demos = list(source.demonstrations("train", n=3, seed=0, admissible_commands=True, mistakes=1.0))
-    assert demos == list(source.demonstrations("train", n=3, seed=0, admissible_commands=True, mistakes=1.0))
+    def demos_of(**options):
+        return list(envs.demonstrations("textworld", source, "train", n=3, seed=0, admissible_commands=True, **options))
+
+    plain, demos = demos_of(), demos_of(mistakes=1.0)
+    assert demos == demos_of(mistakes=1.0)
     detoured = [d for d in demos if any(not t.get("expert", True) for t in d["turns"])]
     assert detoured, "mistakes=1.0 gave no detour in 3 games"
     env = envs.make("textworld", cfg, admissible_commands=True)
@@ -356,7 +381,7 @@ def test_detour_demos_recover_and_train_only_on_the_expert(source, cfg):
         assert policy == ["> " + t["action"] + "\n" for i, t in enumerate(demo["turns"]) if i != k]
 
     with pytest.raises(ValueError, match="mistakes"):
-        list(source.demonstrations("train", n=1, mistakes=1.5))
+        list(envs.demonstrations("textworld", source, "train", n=1, mistakes=1.5))
 
 
 def test_tasks_source_class_is_registered():
@@ -369,15 +394,15 @@ def test_short_sft_then_rl_raises_success_on_a_tiny_game_set(source, cfg, tmp_pa
     # From scratch on the session's 3 train games: a random policy rarely wins them; SFT on their
     # walkthroughs then a few GRPO iterations must win more of them (greedy), and RL must not
     # undo what SFT learned.
-    from algos.checkpoint import load_policy
-    from algos.config import load_config
-    from algos.evaluate import evaluate_episodes
-    from algos.rl import train_rl
-    from algos.sft import train_sft
     from rl_helpers import tiny_policy
 
     from algos import recipes
+    from algos.checkpoint import load_policy
+    from algos.config import load_config
     from algos.data import prepare_data, read_jsonl
+    from algos.evaluate import evaluate_episodes
+    from algos.rl import train_rl
+    from algos.sft import train_sft
 
     recipe = tmp_path / "tw_tiny.yaml"
     recipe.write_text(f"""
@@ -422,16 +447,17 @@ def test_constrained_decoding_plays_only_admissible_commands(source, cfg, tmp_pa
     # and the learner's log-probs of those tokens are the engine's masked ones.
     import copy
 
-    from algos.learner import Learner
     from rl_helpers import rl_experiment
-    from agents.formats import format_for
+
     from agents.model import ModelConfig, build_model
     from agents.tokenizer import TokenizerConfig, train_tokenizer
+    from algos.learner import Learner
+    from envs import format_for
     from rollout.engine import TorchEngine
     from rollout.runner import EpisodeRunner, RolloutConfig
 
     train = source.tasks("train")
-    demos = source.demonstrations("train", len(train), seed=0, admissible_commands=True)
+    demos = envs.demonstrations("textworld", source, "train", len(train), seed=0, admissible_commands=True)
     tok = train_tokenizer([d["prompt"] + d["completion"] for d in demos] * 5, TokenizerConfig(vocab_size=400))
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)

@@ -1,12 +1,13 @@
 """Countdown (Stream of Search): problems, search streams, verifier and environments.
 
 Registers two envs: "countdown" (one turn: write a whole stream) and "countdown_search"
-(many turns: grow the search tree a line at a time).
+(many turns: grow the search tree a line at a time). Both imitate the same demonstrations.
 """
 
 from ..base import register
-from .demos import demonstration, demonstrations
+from .demos import CountdownDemoOptions, demonstration, demonstrations, task_demonstrations
 from .env import CountdownSearchConfig, CountdownSearchEnv, CountdownStreamEnv
+from .format import SearchLineFormat, StreamFormat
 from .problems import CountdownConfig, CountdownTasks, Problem, load_problems_jsonl
 from .search import (
     Stream,
@@ -20,18 +21,25 @@ from .search import (
     solve,
     sum_heuristic,
 )
+from .stats import demo_stats, eval_stats, failure_kind
 from .verify import Verdict, verify_solution, verify_stream
 
-register("countdown", CountdownStreamEnv, CountdownConfig, CountdownTasks)
-register("countdown_search", CountdownSearchEnv, CountdownSearchConfig, CountdownTasks)
+_DEMOS = dict(demos=task_demonstrations, demo_options=CountdownDemoOptions, demo_stats=demo_stats)
+register("countdown", CountdownStreamEnv, CountdownConfig, CountdownTasks, format=StreamFormat(),
+         eval_stats=eval_stats, **_DEMOS)
+register("countdown_search", CountdownSearchEnv, CountdownSearchConfig, CountdownTasks,
+         format=SearchLineFormat(), **_DEMOS)
 
 __all__ = [
     "CountdownConfig",
+    "CountdownDemoOptions",
     "CountdownSearchConfig",
     "CountdownSearchEnv",
     "CountdownStreamEnv",
     "CountdownTasks",
     "Problem",
+    "SearchLineFormat",
+    "StreamFormat",
     "Stream",
     "Verdict",
     "bfs_stream",
@@ -39,13 +47,17 @@ __all__ = [
     "combine",
     "demonstration",
     "demonstrations",
+    "demo_stats",
     "dfs_stream",
+    "eval_stats",
+    "failure_kind",
     "load_problems_jsonl",
     "mult_heuristic",
     "optimal_stream",
     "random_stream",
     "solve",
     "sum_heuristic",
+    "task_demonstrations",
     "verify_solution",
     "verify_stream",
 ]

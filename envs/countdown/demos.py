@@ -13,14 +13,34 @@ it, 128 of the SFT policy's 131 held-out failures began with one rejected move; 
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
-from typing import Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
-from .problems import Problem
+from pydantic import Field
+
+from ..base import DemoOptions
+from .env import CountdownSearchConfig, CountdownSearchEnv, stream_to_actions
+from .problems import CountdownTasks, Problem
 from .search import optimal_stream, random_stream, state_line
 
 DemoFormat = Literal["sos", "optimal"]
+
+
+class CountdownDemoOptions(DemoOptions):
+    """`sft.demos` keys of the Countdown envs. Only the keys a recipe sets reach demonstrations();
+    the defaults here are its own."""
+
+    # "sos" = streams of search, "optimal" = the solution path only (the paper's baseline)
+    format: DemoFormat = "sos"
+    # The searches a "sos" stream is written by, each picked at random per problem (the paper: all)
+    strategies: list[Literal["dfs", "bfs"]] = ["dfs", "bfs"]
+    heuristics: list[Literal["sum", "mult"]] = ["sum", "mult"]
+    beams: list[int] = [1, 2, 3, 4, 5]
+    # The fraction of demos with a rejected move spliced into the context, not trained on, and
+    # the env's "Invalid action" reply to it, so the policy learns to recover (with_mistake)
+    mistakes: float = Field(0.0, ge=0, le=1)
 
 
 def demonstration(problem: Problem, rng: random.Random, format: DemoFormat = "sos", **search) -> dict:
@@ -47,8 +67,6 @@ def with_mistake(demo: dict, rng: random.Random) -> dict:
     """The demo plus `segments` [(text, trained_on), ...] holding one rejected move (see the
     module docstring), or the demo unchanged when its stream does not replay as multi-turn
     actions (BFS streams) or no line could be spoiled."""
-    from .env import CountdownSearchConfig, CountdownSearchEnv, stream_to_actions
-
     lines = demo["completion"].split("\n")
     spots = [k for k, line in enumerate(lines) if line.startswith("Exploring Operation:")]
     if not spots or demo.get("search_type", "dfs").startswith("bfs"):
@@ -104,3 +122,9 @@ def demonstrations(
         if mistakes and spoil_rng.random() < mistakes:
             demo = with_mistake(demo, spoil_rng)
         yield demo
+
+
+def task_demonstrations(source: CountdownTasks, split: str, n: int, seed: int = 0, **options: Any) -> Iterator[dict]:
+    """The registered demonstration builder: demos of the first n problems of `split`; `options`
+    are CountdownDemoOptions' (format, mistakes, and random_stream's strategies/heuristics/beams)."""
+    return demonstrations(itertools.islice(source.iter_problems(split), n), seed=seed, **options)

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import Field
 
-from ..base import TextEnv, make_info
+from ..base import TextEnv, make_info, quantize
 from .problems import CountdownConfig, CountdownTasks, Problem
 from .search import (
     NO_SOLUTION,
@@ -124,15 +124,6 @@ INSTRUCTIONS = (
     "After 'unequal: No Solution' you must move back to a generated node."
 )
 
-# Dense progress is paid in multiples of 2**-20 so every partial sum is exact in floating
-# point and a won episode sums to exactly 1.0 in any order.
-_QUANTUM = 2.0**-20
-
-
-def _quantize(x: float) -> float:
-    return round(x / _QUANTUM) * _QUANTUM
-
-
 @dataclass
 class SearchNode:
     id: str
@@ -188,7 +179,7 @@ class CountdownSearchEnv(_CountdownEnv):
 
     def _potential(self, depth: int) -> float:
         steps = max(len(self.problem.numbers) - 1, 1)
-        return _quantize(0.5 * max(depth, 0) / steps)
+        return quantize(0.5 * max(depth, 0) / steps)
 
     def admissible_actions(self) -> list[str]:
         """Every legal operation at the current node, then every allowed 'Moving to Node'."""

@@ -3,20 +3,24 @@
 As in the Stream of Search paper: target values run min_target..max_target and a seeded 10% of
 them are held out ("unseen targets"); a problem picks a target, then draws input numbers
 uniformly until an exhaustive search finds a solution, so every generated problem is solvable.
+A second seeded 10% of the targets is held out for the valid split, so that tuning reads unseen
+targets without reading the test split's.
 
 Splits (all deterministic in the config; the first n problems of a split do not depend on how
 many are asked for):
   train           seen targets; never contains a heldout_seen problem (duplicates within train
                   are possible, as in the paper)
+  valid           valid targets only (neither seen nor unseen), distinct problems: what periodic
+                  evals and tuning read (absent if no target is left for it)
   heldout_seen    seen targets, distinct problems, none of them in train
-  heldout_unseen  unseen targets only, distinct problems (absent if no target is held out)
+  heldout_unseen  unseen targets only, distinct problems (absent if no target is held out); the
+                  same targets and problems as before the valid split existed
 Two problems are the same problem when they have the same target and the same multiset of
 numbers (Problem.key).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import random
@@ -26,7 +30,7 @@ from typing import Any, Iterator
 
 from pydantic import Field, model_validator
 
-from ..base import TRAIN_SPLIT, BaseEnvConfig, TaskSource
+from ..base import TRAIN_SPLIT, VALID_SPLIT, BaseEnvConfig, TaskSource
 from .search import can_reach, solve
 
 MIN_INPUTS, MAX_INPUTS = 2, 6
@@ -44,10 +48,16 @@ class CountdownConfig(BaseEnvConfig):
     min_target: int = Field(10, ge=1, description="smallest target")
     max_target: int = Field(100, ge=1, description="largest target")
     unseen_target_frac: float = Field(
-        0.1, ge=0.0, lt=1.0, description="fraction of target values held out of train"
+        0.1, ge=0.0, lt=1.0, description="fraction of target values held out of train for the "
+        "heldout_unseen (test) split"
+    )
+    valid_target_frac: float = Field(
+        0.1, ge=0.0, lt=1.0, description="fraction of target values held out of train and of every test "
+        "split for the valid split"
     )
     train_size: int = Field(100_000, ge=0, description="problems in the train split")
-    heldout_size: int = Field(1000, ge=0, description="problems in each held-out split")
+    heldout_size: int = Field(1000, ge=0, description="problems in each test split (heldout_seen, heldout_unseen)")
+    valid_size: int | None = Field(None, ge=0, description="problems in the valid split; None = heldout_size")
     seed: int = Field(0, description="seed of the target split and of every problem draw")
 
     @model_validator(mode="after")
@@ -143,13 +153,21 @@ def load_problems_jsonl(path: str | Path, num_inputs: int | None = None) -> list
     return problems
 
 
-def split_targets(config: CountdownConfig) -> tuple[list[int], list[int]]:
-    """(seen, unseen) target values: a seeded shuffle, the first unseen_target_frac held out."""
+def split_targets(config: CountdownConfig) -> tuple[list[int], list[int], list[int]]:
+    """(seen, valid, unseen) target values, from one seeded shuffle: the first unseen_target_frac
+    are unseen (the choice made before the valid split existed, so the test split kept its
+    targets), the next valid_target_frac are the valid split's, the rest are seen. At least one
+    target is always left seen."""
     targets = list(range(config.min_target, config.max_target + 1))
     random.Random(config.seed).shuffle(targets)
-    # round() first so that e.g. 100 * 0.29 = 28.999999999999996 still holds out 29.
-    n_unseen = min(math.floor(round(len(targets) * config.unseen_target_frac, 9)), len(targets) - 1)
-    return sorted(targets[n_unseen:]), sorted(targets[:n_unseen])
+
+    def count(frac: float) -> int:  # round() first: 100 * 0.29 = 28.999999999999996 still holds out 29
+        return math.floor(round(len(targets) * frac, 9))
+
+    n_unseen = min(count(config.unseen_target_frac), len(targets) - 1)
+    n_valid = min(count(config.valid_target_frac), len(targets) - 1 - n_unseen)
+    unseen, valid = targets[:n_unseen], targets[n_unseen : n_unseen + n_valid]
+    return sorted(targets[n_unseen + n_valid :]), sorted(valid), sorted(unseen)
 
 
 def generate_problem(rng: random.Random, targets: list[int], config: CountdownConfig) -> Problem:
@@ -171,14 +189,17 @@ class CountdownTasks(TaskSource):
 
     def __init__(self, config: CountdownConfig):
         self.config = config
-        self.seen_targets, self.unseen_targets = split_targets(config)
+        self.seen_targets, self.valid_targets, self.unseen_targets = split_targets(config)
         self._cache: dict[str, list[Problem]] = {}
 
     def splits(self) -> list[str]:
-        return [TRAIN_SPLIT, HELDOUT_SEEN] + ([HELDOUT_UNSEEN] if self.unseen_targets else [])
+        return ([TRAIN_SPLIT] + ([VALID_SPLIT] if self.valid_targets else []) + [HELDOUT_SEEN]
+                + ([HELDOUT_UNSEEN] if self.unseen_targets else []))
 
     def size(self, split: str) -> int:
         self._check_split(split)
+        if split == VALID_SPLIT and self.config.valid_size is not None:
+            return self.config.valid_size
         return self.config.train_size if split == TRAIN_SPLIT else self.config.heldout_size
 
     def _rng(self, split: str) -> random.Random:
@@ -194,6 +215,8 @@ class CountdownTasks(TaskSource):
             yield from self._draw(rng, self.seen_targets, excluded, distinct=False, split=split)
         elif split == HELDOUT_SEEN:
             yield from self._draw(rng, self.seen_targets, set(), distinct=True, split=split)
+        elif split == VALID_SPLIT:
+            yield from self._draw(rng, self.valid_targets, set(), distinct=True, split=split)
         else:
             yield from self._draw(rng, self.unseen_targets, set(), distinct=True, split=split)
 
@@ -233,13 +256,6 @@ class CountdownTasks(TaskSource):
 
     def task_key(self, task: dict) -> Any:
         return tuple(sorted(task["numbers"])), task["target"]
-
-    def demonstrations(self, split: str, n: int, seed: int, **options: Any) -> Iterator[dict]:
-        """Streams of search (or optimal paths) for the first n problems of `split`; `options`
-        are demos.demonstration's: format, and random_stream's strategies/heuristics/beams."""
-        from .demos import demonstrations  # demos imports this module
-
-        return demonstrations(itertools.islice(self.iter_problems(split), n), seed=seed, **options)
 
     def tasks_from_file(self, path: str) -> list[dict]:
         """Problems from a JSONL file, one {"numbers": [...], "target": N} per line."""

@@ -14,22 +14,33 @@ played, so `import envs` works without it.
 
 from ..base import register
 from .config import Complexity, TextWorldConfig, parse_complexity
-from .demos import ACTION_PREFIX, demo_pairs, demonstration, demonstrations, flatten_demo
+from .demos import (
+    TextWorldDemoOptions,
+    demo_pairs,
+    demonstration,
+    demonstrations,
+    flatten_demo,
+    task_demonstrations,
+)
 from .env import BLOCKED_REPLY, TextWorldEnv, clean_text, command_from_action
+from .format import ACTION_PREFIX, CommandFormat
 from .generate import GameCache, GenerationReport, generate_one, replay_walkthrough
 from .tasks import HELDOUT, SEED_START, TextWorldTasks, load_games
 
-register("textworld", TextWorldEnv, TextWorldConfig, TextWorldTasks)
+register("textworld", TextWorldEnv, TextWorldConfig, TextWorldTasks, format=CommandFormat(),
+         demos=task_demonstrations, demo_options=TextWorldDemoOptions)
 
 __all__ = [
     "ACTION_PREFIX",
     "BLOCKED_REPLY",
+    "CommandFormat",
     "HELDOUT",
     "SEED_START",
     "Complexity",
     "GameCache",
     "GenerationReport",
     "TextWorldConfig",
+    "TextWorldDemoOptions",
     "TextWorldEnv",
     "TextWorldTasks",
     "clean_text",
@@ -42,4 +53,5 @@ __all__ = [
     "load_games",
     "parse_complexity",
     "replay_walkthrough",
+    "task_demonstrations",
 ]

@@ -18,7 +18,7 @@ import random
 import tempfile
 import time
 
-from ..base import TRAIN_SPLIT
+from ..base import TRAIN_SPLIT, VALID_SPLIT
 from .config import TextWorldConfig
 from .env import TextWorldEnv
 from .generate import GameCache
@@ -33,7 +33,7 @@ def generate(args) -> dict:
     config = _config(args, train_size=args.train_size, heldout_size=args.heldout_size,
                      workers=args.workers)
     source = TextWorldTasks(config)
-    sizes = {split: len(source.tasks(split)) for split in (HELDOUT, TRAIN_SPLIT)}
+    sizes = {split: len(source.tasks(split)) for split in (HELDOUT, TRAIN_SPLIT, VALID_SPLIT)}
     return {"folder": str(source.folder), "sizes": sizes, "generated": source.generated,
             "kept": sum(r.kept for r in source.reports),
             "stalled": sum(r.stalled for r in source.reports),

@@ -137,7 +137,7 @@ class TextWorldConfig(BaseEnvConfig):
     complexity: str = Field("w2-o3-q4", description="which games: w{W}-o{O}-q{Q}, tw-simple, "
                                                     "tw-cooking (see envs/textworld/config.py)")
     train_size: int = Field(100, ge=0, description="games in the train split")
-    heldout_size: int = Field(50, ge=0, description="games in the heldout split")
+    heldout_size: int = Field(50, ge=0, description="games in each held-out split (heldout, valid)")
     cache_dir: str = Field("data/textworld", description="generated games go to "
                                                          "<cache_dir>/<complexity>/")
     workers: int = Field(1, ge=1, description="parallel processes generating games")

@@ -29,11 +29,23 @@ from __future__ import annotations
 import random
 from typing import Any, Iterable, Iterator
 
+from pydantic import Field
+
+from ..base import DemoOptions
 from .config import TextWorldConfig
 from .env import TextWorldEnv
+from .format import ACTION_PREFIX
+from .tasks import TextWorldTasks
 
-ACTION_PREFIX = "> "
 DISPLAY_OPTIONS = ("admissible_commands", "show_description", "show_inventory", "max_turns")
+
+
+class TextWorldDemoOptions(DemoOptions):
+    """`sft.demos` keys of the TextWorld env."""
+
+    # The fraction of demos that take one random detour (in the context, not trained on), then
+    # recover by the game's own planner (see the module docstring)
+    mistakes: float = Field(0.0, ge=0, le=1)
 
 
 def demonstration(env: TextWorldEnv, task: dict, detour_rng: random.Random | None = None) -> dict:
@@ -130,3 +142,11 @@ def flatten_demo(demo: dict, action_prefix: str = ACTION_PREFIX) -> dict:
 def demo_pairs(demo: dict) -> list[tuple[str, str]]:
     """The essential content of a demo: (observation, action) pairs in order."""
     return [(t["observation"], t["action"]) for t in demo["turns"]]
+
+
+def task_demonstrations(source: TextWorldTasks, split: str, n: int, seed: int = 0, **options: Any) -> Iterator[dict]:
+    """The registered demonstration builder: walkthrough demos for the first n tasks of `split`,
+    replayed in the source's config; `options` override its display keys (DISPLAY_OPTIONS) and
+    `mistakes` is the fraction of demos with a detour; `seed` picks the detours (walkthroughs
+    themselves are deterministic)."""
+    return demonstrations(source.tasks(split)[:n], source.config, seed=seed, **options)

@@ -27,9 +27,10 @@ import os
 import re
 from typing import Any
 
-from ..base import TRAIN_SPLIT, TextEnv, make_info
+from ..base import TRAIN_SPLIT, TextEnv, make_info, quantize
 from .config import TextWorldConfig
 from .generate import import_textworld, quiet_jericho
+from .tasks import TextWorldTasks
 
 BLOCKED_COMMANDS = frozenset(
     {"restart", "restore", "save", "quit", "q", "undo", "script", "unscript", "transcript",
@@ -38,17 +39,10 @@ BLOCKED_COMMANDS = frozenset(
 BLOCKED_REPLY = "That command is not available in this game."
 ADMISSIBLE_PREFIX = "Admissible commands: "
 
-# Dense progress is paid in multiples of 2**-20 so every partial sum is exact in floating point
-# and a won episode sums to exactly 1.0 whatever max_score is.
-_QUANTUM = 2.0**-20
 _PROMPT_LINE_RE = re.compile(r"\n>[^\n]*\Z")
 _BLANK_RUNS_RE = re.compile(r"\n{3,}")
 # After a win or loss Inform offers to restart; those commands are blocked, so drop the offer.
 _END_OFFER_RE = re.compile(r"^Would you like to RESTART.*$", re.MULTILINE)
-
-
-def _quantize(x: float) -> float:
-    return round(x / _QUANTUM) * _QUANTUM
 
 
 def clean_text(text: str | None) -> str:
@@ -133,8 +127,6 @@ class TextWorldEnv(TextEnv):
 
     def _draw_task(self) -> dict:
         if self._tasks is None:
-            from .tasks import TextWorldTasks
-
             self._tasks = TextWorldTasks(self.config)
         train = self._tasks.tasks(TRAIN_SPLIT)
         if not train:
@@ -219,7 +211,7 @@ class TextWorldEnv(TextEnv):
         if won:
             potential = 1.0
         elif self._max_score > 0:
-            potential = min(_quantize(score / self._max_score), 1.0)
+            potential = min(quantize(score / self._max_score), 1.0)
         else:
             potential = self._paid
         progress = potential - self._paid

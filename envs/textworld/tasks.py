@@ -2,11 +2,14 @@
 
 Splits of a complexity, fixed so that results can be quoted and reproduced:
   train    the first train_size playable games from seeds 0, 1, 2, ...
-  heldout  the first heldout_size playable games from seeds 1_000_000, 1_000_001, ...
+  heldout  the first heldout_size playable games from seeds 1_000_000, 1_000_001, ... (test)
+  valid    the first heldout_size playable games from seeds 2_000_000, 2_000_001, ... that are in
+           neither train nor heldout: what periodic evals and tuning read
 "Playable" means the walkthrough replays to a win (games that stall or fail are dropped and
-counted). Each split holds distinct games, and train skips any game whose content equals a
-heldout game (task_key is the game's content hash, not its seed), so they never overlap; the
-heldout split does not depend on train_size.
+counted). Each split holds distinct games; train skips any game whose content equals a heldout
+game and valid any game in train or heldout (task_key is the game's content hash, not its
+seed), so no two splits overlap. The heldout split depends on nothing else, train only on
+heldout (both are what they were before valid existed), valid on both.
 
 A task is {"id", "game": path of the .z8, "complexity", "seed", "walkthrough", "max_score",
 "game_hash"}.
@@ -16,20 +19,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from ..base import TRAIN_SPLIT, TaskSource
+from ..base import TRAIN_SPLIT, VALID_SPLIT, TaskSource
 from .config import TextWorldConfig
 from .generate import KEPT, GameCache, GenerationReport, batch_size, game_hash, import_textworld
 
 HELDOUT = "heldout"
-SEED_START = {TRAIN_SPLIT: 0, HELDOUT: 1_000_000}
+SEED_START = {TRAIN_SPLIT: 0, HELDOUT: 1_000_000, VALID_SPLIT: 2_000_000}
 # Give up with a clear error after this many seeds in a row that add no game to a split.
 MAX_FRUITLESS_SEEDS = 200
 
 
 class TextWorldTasks(TaskSource):
-    """Generated TextWorld games of one complexity, split into train and heldout."""
+    """Generated TextWorld games of one complexity, split into train, valid and heldout."""
 
     def __init__(self, config: TextWorldConfig):
         self.config = config
@@ -48,7 +51,7 @@ class TextWorldTasks(TaskSource):
         return sum(r.generated for r in self.reports)
 
     def splits(self) -> list[str]:
-        return [TRAIN_SPLIT, HELDOUT]
+        return [TRAIN_SPLIT, VALID_SPLIT, HELDOUT]
 
     def size(self, split: str) -> int:
         self._check_split(split)
@@ -61,22 +64,22 @@ class TextWorldTasks(TaskSource):
         """The split's tasks, generating (and caching) the games still missing."""
         self._check_split(split)
         if split not in self._tasks:
-            excluded = set()
-            if split == TRAIN_SPLIT:
-                excluded = {t["game_hash"] for t in self.tasks(HELDOUT)}
+            others = {TRAIN_SPLIT: [HELDOUT], HELDOUT: [], VALID_SPLIT: [TRAIN_SPLIT, HELDOUT]}[split]
+            excluded = {t["game_hash"] for other in others for t in self.tasks(other)}
             self._tasks[split] = self._assemble(split, excluded)
         return [dict(t) for t in self._tasks[split]]
 
     def _assemble(self, split: str, excluded: set[str]) -> list[dict]:
         n, start = self.size(split), SEED_START[split]
+        end = min((s for s in SEED_START.values() if s > start), default=None)  # the next split's seeds
         records = self.cache.records()
         chosen: list[dict] = []
         seen = set(excluded)
         seed, fruitless, last_reason = start, 0, ""
         while len(chosen) < n:
-            if split == TRAIN_SPLIT and seed >= SEED_START[HELDOUT]:
-                raise ValueError(f"textworld {self.complexity.name}: train_size={n} would need "
-                                 f"seeds from the heldout range (>= {SEED_START[HELDOUT]})")
+            if end is not None and seed >= end:
+                raise ValueError(f"textworld {self.complexity.name}: {split} split of {n} games would need "
+                                 f"seeds from the next split's range (>= {end})")
             if seed not in records:
                 count = batch_size(n - len(chosen), self.cache.keep_rate(), self.config.workers)
                 report = self.cache.generate(
@@ -111,15 +114,6 @@ class TextWorldTasks(TaskSource):
             "max_score": record["max_score"],
             "game_hash": record["game_hash"],
         }
-
-    def demonstrations(self, split: str, n: int, seed: int = 0, **options: Any) -> Iterator[dict]:
-        """Walkthrough demos (see demos.py) for the first n tasks of `split`, replayed in this
-        config's env; `options` override its display keys (admissible_commands,
-        show_description, show_inventory, max_turns) and `mistakes` is the fraction of demos
-        with a detour; `seed` picks the detours (walkthroughs themselves are deterministic)."""
-        from .demos import demonstrations
-
-        return demonstrations(self.tasks(split)[:n], self.config, seed=seed, **options)
 
     def tasks_from_file(self, path: str) -> list[dict]:
         """Tasks from a folder of .z8 games (e.g. made elsewhere with `tw-make`; searched
