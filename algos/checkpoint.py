@@ -84,7 +84,13 @@ def load_learner_state(ck: Path, engine, critic=None) -> dict[str, Any]:
     for name, eng in (("learner", engine), ("critic", critic)):
         if eng is None:
             continue
-        path, _ = eng.load_checkpoint(str(ck / name), tag="state")
+        try:
+            path, _ = eng.load_checkpoint(str(ck / name), tag="state")
+        except (RuntimeError, KeyError) as e:  # a state of another shape: other model or learner layout
+            raise CheckpointError(
+                f"the {name} state under {ck / name} does not fit this run's learner ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:300]}); a checkpoint written before the actor and critic got their own "
+                "engines, or by another model config, cannot be resumed: start the RL stage afresh") from None
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load the {name} state under {ck / name}")
     return torch.load(ck / "state.pt", weights_only=False)

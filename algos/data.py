@@ -49,8 +49,6 @@ def data_folder(exp: Experiment) -> Path:
     """<data_dir>/<env>-<hash of the env section, the demo options and SPLITS_VERSION>."""
     demos = {"num_examples": exp.sft.demos.num_examples,
              **envs.validate_demo_options(exp.env.name, exp.sft.demos.options()).model_dump()}
-    if not demos.get("mistakes"):  # keys added later stay out at their off value
-        demos.pop("mistakes", None)
     key = {"env": exp.env.model_dump(), "demos": demos, "splits": SPLITS_VERSION}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return Path(exp.data_dir) / f"{exp.env.name}-{digest}"

@@ -142,7 +142,7 @@ def print_summary(title: str, rows: dict[str, dict]) -> None:
                       *([f"{s.get('mean_turns', 1):.1f}"] if turns else []), f"{s['mean_tokens']:.0f}",
                       f"{s['truncated']:.1%}", f"{s['tokens_per_s']:.0f}", f"{s['seconds']:.1f}")
     console = Console()
-    console.width = max(console.width, 100)  # a pipe or CI log reports 80 columns: keep rows whole
+    console.width = max(console.width, 120)  # a pipe or CI log reports 80 columns: keep rows whole
     console.print(table)
 
 

@@ -7,9 +7,19 @@ resumed one, so they are dropped on open (resuming from step 0 starts a fresh lo
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
+
+
+def _parse(line: str) -> dict | None:
+    """A logged row, or None for a blank line or the cut-off last line of a killed write."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and "step" in row else None
 
 
 class MetricsLogger:
@@ -22,7 +32,10 @@ class MetricsLogger:
         purge_step = None
         if resume_from is not None:
             rows = path.read_text().splitlines() if path.exists() and resume_from > 0 else []
-            path.write_text("".join(r + "\n" for r in rows if r.strip() and json.loads(r)["step"] <= resume_from))
+            kept = [r for r in map(_parse, rows) if r is not None and r["step"] <= resume_from]
+            tmp = path.with_suffix(".tmp")  # a kill during this rewrite leaves the old log whole
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, path)
             purge_step = resume_from + 1 if resume_from else 0  # TensorBoard hides old events at steps ≥ this
         self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge_step)
         self.jsonl = open(path, "a")

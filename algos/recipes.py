@@ -21,6 +21,7 @@ from algos.config import Experiment, save_config
 from algos.data import heldout_tasks, prepare_data, read_jsonl
 from algos.evaluate import evaluate_episodes, evaluate_policy, print_summary, save_eval
 from algos.metrics import MetricsLogger
+from algos.rl import train_rl
 from algos.runtime import apply_threads, param_dtype, resolve_device, seed_everything
 from algos.sft import Example, train_sft
 
@@ -116,8 +117,6 @@ def sft_policy_folder(exp: Experiment) -> Path:
 
 def train(exp: Experiment, resume: bool = False) -> dict:
     """The recipe end to end: SFT (skipped when its policy exists), then the RL stage if any."""
-    from algos.rl import train_rl
-
     if exp.rl is None:
         return sft(exp, resume=resume)
     init = sft_policy_folder(exp)
@@ -127,7 +126,7 @@ def train(exp: Experiment, resume: bool = False) -> dict:
         print(f"no finished SFT policy in {init}: running the recipe's SFT stage there first")
         summary = sft(exp.model_copy(update={"out_dir": str(init)}), resume=True)
         # The SFT stage just played the same held-out tasks greedily: that is the RL start.
-        if exp.eval.num_tasks is None and exp.rl.eval_tasks >= summary["tasks"] and not exp.eval.problems_file:
+        if not exp.eval.problems_file:  # the same test split (eval.split, eval.num_tasks) as RL's before
             before = summary
     return train_rl(exp, init, resume=resume, before=before)
 

@@ -5,7 +5,7 @@
         trajs  = rollout workers play group_size episodes of each task        (collect)
         update = learner.update(trajs): infra-error episodes dropped, advantages, optimizer steps
         sync   = new policy weights pushed to every worker                     (sync)
-        every eval_every: greedy episodes on held-out tasks; every save_every: a checkpoint
+        every eval_every: greedy episodes on valid tasks; every save_every: a checkpoint; at the end the test split
 
 Everything random is seeded by (seed, iteration), so a run killed after iteration k and resumed
 from its checkpoint plays and learns exactly what the uninterrupted run would have.
@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 import envs
 from algos.checkpoint import latest_checkpoint, load_learner_state, load_policy, policy_folder, save_checkpoint
 from algos.config import Experiment, save_config
-from algos.evaluate import episode_records, print_summary, save_eval, summarize
+from algos.data import heldout_tasks
+from algos.evaluate import env_eval_stats, episode_records, print_summary, save_eval, summarize
 from algos.learner import Learner
 from algos.metrics import MetricsLogger
 from algos.runtime import apply_threads, rng_state, seed_everything, set_rng_state
@@ -30,18 +31,21 @@ from rollout.worker import RolloutPool, WorkerSpec
 
 
 def evaluate_pool(pool: RolloutPool, tasks: list[dict], seed: int, samples: int = 0,
-                  temperature: float = 1.0) -> tuple[dict, list[dict]]:
-    """Greedy held-out episodes (summary, records); with `samples`, the summary also holds
-    `sampled_accuracy`: success over that many episodes per task at `temperature`."""
+                  temperature: float = 1.0, env_name: str | None = None) -> tuple[dict, list[dict]]:
+    """Greedy held-out episodes (summary, records), with the env's own eval statistics when
+    `env_name` is given; with `samples`, the summary also holds `sampled_accuracy`: success over
+    that many episodes per task at `temperature`."""
     trajs, stats = pool.play(tasks, 1, seed=seed, temperature=0.0)
     summary, records = summarize(trajs, stats), episode_records(trajs)
+    if env_name is not None:
+        summary.update(env_eval_stats(env_name, records))
     if samples:
         summary["sampled_accuracy"] = sampled_success(pool, tasks, seed, samples, temperature)
     return summary, records
 
 
 def held_out_line(summary: dict) -> str:
-    line = f"held-out success {summary['accuracy']:.1%} on {summary['tasks']} tasks"
+    line = f"success {summary['accuracy']:.1%} on {summary['tasks']} tasks"
     if "sampled_accuracy" in summary:
         line += f" (sampled: {summary['sampled_accuracy']:.1%})"
     return line
@@ -59,8 +63,6 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
     stop_after: end after this many iterations of this call (a simulated kill, for tests).
     before: the start policy's held-out summary when the caller already has it (skips that eval).
     """
-    from algos.data import heldout_tasks
-
     cfg = exp.rl
     seed_everything(exp.seed)
     apply_threads(exp.runtime)
@@ -87,13 +89,14 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
         if start > 0:
             pool.update_weights(learner.policy_state_dict())
         source = envs.make_tasks(exp.env.name, **exp.env_options())
-        split, eval_tasks = heldout_tasks(exp, limit=cfg.eval_tasks)  # the test split: before and after RL
+        split, eval_tasks = heldout_tasks(exp, limit=exp.eval.num_tasks)  # the test split: before and after RL
         valid_tasks = heldout_tasks(exp, envs.VALID_SPLIT, limit=cfg.eval_tasks)[1] if cfg.eval_every else []
         held_out = dict(samples=cfg.eval_samples, temperature=exp.rollout.temperature)
         before = state.get("before", before)
         if before is None:
-            before, _ = evaluate_pool(pool, eval_tasks, seed=episode_seed(exp.seed, "eval", 0), **held_out)
-            tqdm.write(f"before RL: {held_out_line(before)}")
+            before, _ = evaluate_pool(pool, eval_tasks, seed=episode_seed(exp.seed, "eval", 0), env_name=exp.env.name,
+                                      **held_out)
+            tqdm.write(f"before RL, {split}: {held_out_line(before)}")
         elif cfg.eval_samples and "sampled_accuracy" not in before:  # the SFT stage's greedy eval
             before = {**before, "sampled_accuracy": sampled_success(
                 pool, eval_tasks, episode_seed(exp.seed, "eval", 0), **held_out)}
@@ -122,7 +125,8 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
 
             done = it + 1
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.iterations:
-                last, _ = evaluate_pool(pool, valid_tasks, seed=episode_seed(exp.seed, "eval", done), **held_out)
+                last, _ = evaluate_pool(pool, valid_tasks, seed=episode_seed(exp.seed, "eval", done),
+                                        env_name=exp.env.name, **held_out)
                 log.log(done, last, prefix="valid/")
                 tqdm.write(f"iteration {done}: valid {held_out_line(last)}")
             if done % cfg.save_every == 0 or done == cfg.iterations:
@@ -134,11 +138,11 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
             return {"before": before, "stopped_at": end}
 
         after, records = evaluate_pool(pool, eval_tasks, seed=episode_seed(exp.seed, "eval", cfg.iterations),
-                                       **held_out)
+                                       env_name=exp.env.name, **held_out)
         log.log(cfg.iterations, after, prefix="eval/")
         save_eval(run_dir / "eval" / f"{split}_rl.json", after, records,
                   {"checkpoint": str(latest_checkpoint(run_dir)), "split": split, "before": before})
-        print_summary(f"{exp.name}: held-out {split}, before and after {cfg.algo.upper()}",
+        print_summary(f"{exp.name}: test split {split}, before and after {cfg.algo.upper()}",
                       {"before RL": before, "after RL": after})
         return {"before": before, "after": after}
     finally:

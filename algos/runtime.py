@@ -39,11 +39,14 @@ def full_state_dict(engine, dtype: torch.dtype | None = None) -> dict[str, torch
     module = engine.module
 
     def copy() -> dict[str, torch.Tensor]:
-        copies: dict[int, torch.Tensor] = {}  # data_ptr -> its copy
+        def storage(v: torch.Tensor) -> tuple:  # one tensor seen under two names (tied weights)
+            return v.data_ptr(), v.shape, v.stride(), v.dtype
+
+        copies: dict[tuple, torch.Tensor] = {}
         for v in module.state_dict().values():
-            if v.data_ptr() not in copies:
-                copies[v.data_ptr()] = (v.detach() if dtype is None else v.detach().to(dtype)).cpu().clone()
-        return {k: copies[v.data_ptr()] for k, v in module.state_dict().items()}
+            if storage(v) not in copies:
+                copies[storage(v)] = (v.detach() if dtype is None else v.detach().to(dtype)).cpu().clone()
+        return {k: copies[storage(v)] for k, v in module.state_dict().items()}
 
     if engine.zero_optimization_stage() == 3:
         import deepspeed

@@ -262,7 +262,9 @@ def matmul_peak(dtype_name: str, n: int, seconds: float) -> float:
     """GFLOP/s of a square `torch.matmul` loop (best of a few timed bursts)."""
     import torch
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    from algos.runtime import DTYPES
+
+    dtype = DTYPES[dtype_name]
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(2):
         torch.matmul(a, b)

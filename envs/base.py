@@ -238,6 +238,12 @@ def register(name: str, env_cls: type[TextEnv], config_cls: type[BaseModel], tas
                               demo_stats, eval_stats)
 
 
+def closest(word: Any, choices: list[str], cutoff: float = 0.6) -> str | None:
+    """The choice most like `word` (for "did you mean ..."), or None if none is close."""
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=cutoff)
+    return close[0] if close else None
+
+
 def list_envs() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -245,8 +251,8 @@ def list_envs() -> list[str]:
 def spec(name: str) -> EnvSpec:
     """The registration of env `name` (EnvConfigError naming the closest known env if none)."""
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        close = closest(name, list(_REGISTRY))
+        hint = f" (did you mean {close!r}?)" if close else ""
         raise EnvConfigError(f"unknown env {name!r}{hint}; known envs: {list_envs()}")
     return _REGISTRY[name]
 
@@ -282,8 +288,8 @@ def describe_error(err: dict, schema: type[BaseModel], prefix: tuple = (), where
     at = f" ({where})" if where else ""
     if err["type"] == "extra_forbidden":
         valid = [*extra_keys, *fields_at(schema, tuple(err["loc"][:-1]))]
-        close = difflib.get_close_matches(str(err["loc"][-1]), valid, n=1, cutoff=0.5)
-        hint = f"; did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else ""
+        close = closest(err["loc"][-1], valid, cutoff=0.5)
+        hint = f"; did you mean '{'.'.join(loc[:-1] + (close,))}'?" if close else ""
         return f"unknown key '{key}'{at}{hint} Valid keys here: {', '.join(valid)}"
     if err["type"] == "missing":
         return f"missing key '{key}'{at}"

@@ -102,6 +102,9 @@ def init_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters: no token files under $HOME
+    # Ray starts its workers at nice 15, so rollout actors lose the CPU to any other busy process
+    # (the main job's iterations took 3-9x longer beside a compile); ours are the job's main work.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     if cfg.address:
         ray.init(address=cfg.address, namespace=cfg.namespace, log_to_driver=False)
     else:

@@ -66,14 +66,19 @@ def test_update_does_not_depend_on_micro_batch_size(tmp_path, algo, aggregation)
         exp = rl_experiment(tmp_path, algo=algo, loss_aggregation=aggregation, minibatch_size=8,
                             micro_batch_size=micro, epochs=2, lr=1.0, kl_coef=0.05, entropy_coef=0.01)
         learner = Learner(exp, tiny_policy(tok), tok.pad_token_id, optimizer_cls=sgd)
+        critic_start = _critic_state(learner) if algo == "ppo" else {}
         metrics = learner.update(trajs, seed=0)
-        after.append((learner.policy_state_dict(), metrics))
-    (a, ma), others = after[0], after[1:]
+        critic_step = {k: v - critic_start[k] for k, v in _critic_state(learner).items()} if algo == "ppo" else {}
+        after.append((learner.policy_state_dict(), metrics, critic_step))
+    (a, ma, ca), others = after[0], after[1:]
     start = tiny_policy(tiny_tokenizer()).state_dict()
     assert any(not torch.allclose(a[k], start[k]) for k in a)  # the update moved the policy
-    for b, mb in others:
+    assert algo != "ppo" or any(v.abs().max() > 0 for v in ca.values())  # ... and the critic
+    for b, mb, cb in others:
         for k in a:
             torch.testing.assert_close(b[k] - start[k], a[k] - start[k], rtol=1e-4, atol=1e-6, msg=k)
+        for k in ca:  # the critic's step does not depend on the micro-batch size either
+            torch.testing.assert_close(cb[k], ca[k], rtol=1e-4, atol=1e-6, msg=f"critic {k}")
         # the logged numbers are weighted the same way: they do not depend on the micro-batch size either
         for k in ("policy_loss", "entropy", "kl_ref", "clip_frac") + (("value_loss",) if algo == "ppo" else ()):
             assert mb[k] == pytest.approx(ma[k], rel=1e-4, abs=1e-6), k

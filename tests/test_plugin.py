@@ -127,7 +127,9 @@ def test_a_toy_env_registered_here_runs_sft_train_and_eval(tmp_path):
     # RL plays train tasks, its periodic eval (iteration 1) valid ones, before and after: the test split
     assert {t.split("/")[0] for t in PLAYED} == {"train", "valid", "test"}
     rl_eval = json.loads((tmp_path / "rl" / "eval" / "test_rl.json").read_text())
-    assert rl_eval["split"] == "test" and rl_eval["summary"]["tasks"] == 2
+    # the whole test split (eval.num_tasks unset), whatever rl.eval_tasks (2) gives the valid eval
+    assert rl_eval["split"] == "test" and rl_eval["summary"]["tasks"] == 3
+    assert "spell_wins" in rl_eval["summary"] and "spell_wins" in rl_eval["before"]  # the env's stats in RL evals too
     rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == 2 and any("valid/accuracy" in r for r in rows)
 

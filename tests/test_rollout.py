@@ -38,6 +38,12 @@ def test_one_ray_worker_samples_exactly_what_in_process_play_samples(tmp_path):
     remote = RolloutPool(spec, RolloutConfig(num_workers=1, cpus_per_worker=1, **cfg), RayConfig(num_cpus=2))
     two = RolloutPool(spec, RolloutConfig(num_workers=2, cpus_per_worker=0.5, **cfg), RayConfig(num_cpus=2))
     try:
+        import os
+
+        import ray
+
+        # rollout actors run at normal priority (Ray's default for workers is nice 15)
+        assert os.getpriority(os.PRIO_PROCESS, ray.get(remote.actors[0].ping.remote())) == 0
         a = _episodes(local, seed=7)
         assert _episodes(remote, seed=7) == a
         assert _episodes(local, seed=8) != a

@@ -196,6 +196,12 @@ class CountdownTasks(TaskSource):
         return ([TRAIN_SPLIT] + ([VALID_SPLIT] if self.valid_targets else []) + [HELDOUT_SEEN]
                 + ([HELDOUT_UNSEEN] if self.unseen_targets else []))
 
+    def _size_key(self, split: str) -> str:
+        """The config key that sizes `split` (named in errors)."""
+        if split == TRAIN_SPLIT:
+            return "train_size"
+        return "valid_size" if split == VALID_SPLIT else "heldout_size"
+
     def size(self, split: str) -> int:
         self._check_split(split)
         if split == VALID_SPLIT and self.config.valid_size is not None:
@@ -230,7 +236,7 @@ class CountdownTasks(TaskSource):
                 if rejected_in_a_row > MAX_DRAWS:
                     raise ValueError(
                         f"countdown {split}: ran out of new problems after {MAX_DRAWS} repeats; "
-                        "widen the number/target ranges or lower heldout_size"
+                        f"widen the number/target ranges or lower {self._size_key(split)}"
                     )
                 continue
             rejected_in_a_row = 0
