@@ -9,7 +9,7 @@ Each environment is one package (envs/countdown, envs/textworld) that registers 
 Nothing here imports torch, transformers or ray.
 """
 
-from . import countdown, textworld  # noqa: F401  (imported to register their envs)
+from . import alfworld, countdown, textworld  # noqa: F401  (imported to register their envs)
 from .base import (
     MAX_TEXT_LENGTH,
     REQUIRED_INFO_KEYS,
@@ -22,6 +22,7 @@ from .base import (
     Format,
     TaskSource,
     TextEnv,
+    closest,
     config_class,
     demonstrations,
     describe_error,
@@ -50,6 +51,7 @@ __all__ = [
     "TextEnv",
     "config_class",
     "demonstrations",
+    "closest",
     "describe_error",
     "format_for",
     "list_envs",

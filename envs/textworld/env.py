@@ -87,15 +87,16 @@ def _request_infos(tw, expert: bool = False):
     )
 
 
-class TextWorldEnv(TextEnv):
-    """One TextWorld game per episode: reset(options={"task": task}) with a task dict from
-    TextWorldTasks (or any {"game": path to a .z8}); without a task, a train game is drawn."""
+class GameFileEnv(TextEnv):
+    """A text env that plays one game file per episode (TextWorld's .z8, ALFWorld's .tw-pddl): the
+    loaded game is kept across resets of the same file (loading one costs ~0.3 s), and reset()
+    without a task draws a train game. Subclasses say how a file is loaded and where tasks come from."""
 
-    def __init__(self, config: TextWorldConfig, expert: bool = False):
+    name = "game"  # the env's name in error messages
+
+    def __init__(self, config):
         super().__init__()
         self.config = config
-        self.expert = expert  # ask the game for expert_plan() after every step (demos only)
-        self.max_turns = config.turn_limit
         self.task: dict | None = None
         self._tasks = None  # built only if reset() has to draw a task
         self._game = None  # the textworld env of the loaded game (kept across resets)
@@ -103,14 +104,18 @@ class TextWorldEnv(TextEnv):
         self._state = None
         self._over = True
 
-    # -- game handling ------------------------------------------------------------------------
+    def _load_game(self, path: str):
+        """A fresh textworld env (not yet reset) playing the game file at `path`."""
+        raise NotImplementedError
+
+    def _task_source(self):
+        """The TaskSource whose train split reset() draws from when given no task."""
+        raise NotImplementedError
 
     def _start(self, path: str):
         if self._game is None or self._game_path != path:
             self._close_game()
-            tw = import_textworld()
-            with quiet_jericho():
-                self._game = tw.start(path, _request_infos(tw, self.expert))
+            self._game = self._load_game(path)
             self._game_path = path
         return self._game.reset()
 
@@ -127,11 +132,33 @@ class TextWorldEnv(TextEnv):
 
     def _draw_task(self) -> dict:
         if self._tasks is None:
-            self._tasks = TextWorldTasks(self.config)
+            self._tasks = self._task_source()
         train = self._tasks.tasks(TRAIN_SPLIT)
         if not train:
-            raise ValueError("textworld: no task given and the train split is empty (train_size=0)")
+            raise ValueError(f"{self.name}: no task given and the train split is empty (train_size=0)")
         return train[int(self.np_random.integers(len(train)))]
+
+
+class TextWorldEnv(GameFileEnv):
+    """One TextWorld game per episode: reset(options={"task": task}) with a task dict from
+    TextWorldTasks (or any {"game": path to a .z8}); without a task, a train game is drawn."""
+
+    name = "textworld"
+
+    def __init__(self, config: TextWorldConfig, expert: bool = False):
+        super().__init__(config)
+        self.expert = expert  # ask the game for expert_plan() after every step (demos only)
+        self.max_turns = config.turn_limit
+
+    # -- game handling ------------------------------------------------------------------------
+
+    def _load_game(self, path: str):
+        tw = import_textworld()
+        with quiet_jericho():
+            return tw.start(path, _request_infos(tw, self.expert))
+
+    def _task_source(self):
+        return TextWorldTasks(self.config)
 
     # -- observations -------------------------------------------------------------------------
 

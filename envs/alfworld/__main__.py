@@ -1,0 +1,108 @@
+"""Generate ALFWorld splits ahead of time, or time generation and play.
+
+    python -m envs.alfworld generate --train-size 600 --heldout-size 120 --workers 2 [--cache-dir data/alfworld]
+    python -m envs.alfworld bench-generate --games 60 --workers 1 [--time-limit 120] \
+        [--cache-dir DIR (default: a new temporary folder)]
+    python -m envs.alfworld bench-play --split train --episodes 30 [--policy random|expert] [--density dense]
+
+bench-generate makes the first --games train-split candidates (all task types in turn) in a fresh
+cache, so its numbers come from new games; bench-play plays a split with the expert plan or
+uniformly random admissible commands and reports env steps/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from collections import Counter
+
+from ..base import TRAIN_SPLIT
+from .config import AlfWorldConfig
+from .env import AlfWorldEnv
+from .tasks import SPLITS, AlfWorldTasks
+
+
+def generate(args) -> dict:
+    source = AlfWorldTasks(AlfWorldConfig(train_size=args.train_size, heldout_size=args.heldout_size,
+                                          workers=args.workers, cache_dir=args.cache_dir))
+    sizes = {split: len(source.tasks(split)) for split in SPLITS}
+    return {"folder": str(source.folder), "sizes": sizes, "generated": source.generated,
+            "kept": sum(r.kept for r in source.reports), "dropped": sum(r.dropped for r in source.reports)}
+
+
+def bench_generate(args) -> dict:
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="alfworld_bench_")
+    source = AlfWorldTasks(AlfWorldConfig(train_size=args.games, heldout_size=0, workers=args.workers,
+                                          cache_dir=cache_dir, progress=True, game_time_limit=args.time_limit))
+    start = time.perf_counter()
+    source.tasks(TRAIN_SPLIT)
+    seconds = time.perf_counter() - start
+    reasons = Counter()
+    for report in source.reports:
+        reasons.update(report.reasons)
+    generated, kept = source.generated, sum(r.kept for r in source.reports)
+    return {"workers": args.workers, "time_limit_s": args.time_limit, "kept_games": kept, "generated": generated,
+            "seconds": round(seconds, 1),
+            "games_per_s": round(generated / seconds, 3), "kept_per_s": round(kept / seconds, 3),
+            "dropped_share": round(1 - kept / max(generated, 1), 4), "drop_reasons": dict(reasons)}
+
+
+def bench_play(args) -> dict:
+    config = AlfWorldConfig(train_size=args.episodes, heldout_size=args.episodes, cache_dir=args.cache_dir,
+                            reward_density=args.density, max_turns=args.max_turns)
+    tasks = AlfWorldTasks(config).tasks(args.split)[: args.episodes]
+    env = AlfWorldEnv(config)
+    rng = random.Random(0)
+    steps = wins = 0
+    reset_s = step_s = 0.0
+    for task in tasks:
+        t = time.perf_counter()
+        _, info = env.reset(options={"task": task})
+        reset_s += time.perf_counter() - t
+        plan = list(task["walkthrough"]) if args.policy == "expert" else None
+        done = False
+        while not done:
+            action = plan.pop(0) if plan else rng.choice(info["admissible_actions"] or ["look"])
+            t = time.perf_counter()
+            _, _, terminated, truncated, info = env.step(action)
+            step_s += time.perf_counter() - t
+            steps += 1
+            done = terminated or truncated
+        wins += info["won"]
+    env.close()
+    return {"split": args.split, "policy": args.policy, "density": args.density, "episodes": len(tasks),
+            "won": wins, "steps": steps, "steps_per_s": round(steps / step_s, 1),
+            "ms_per_step": round(1000 * step_s / steps, 2), "ms_per_reset": round(1000 * reset_s / len(tasks), 1)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m envs.alfworld", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("generate", "bench-generate", "bench-play"):
+        p = sub.add_parser(name)
+        p.add_argument("--cache-dir", default=None if name == "bench-generate" else "data/alfworld")
+        if name == "generate":
+            p.add_argument("--train-size", type=int, default=600)
+            p.add_argument("--heldout-size", type=int, default=120)
+        if name != "bench-play":
+            p.add_argument("--workers", type=int, default=1)
+        if name == "bench-generate":
+            p.add_argument("--games", type=int, default=60)
+            p.add_argument("--time-limit", type=float, default=120.0, help="seconds per game (env.game_time_limit)")
+        if name == "bench-play":
+            p.add_argument("--split", choices=SPLITS, default=TRAIN_SPLIT)
+            p.add_argument("--episodes", type=int, default=30)
+            p.add_argument("--policy", choices=["expert", "random"], default="random")
+            p.add_argument("--density", choices=["sparse", "dense"], default="sparse")
+            p.add_argument("--max-turns", type=int, default=50)
+    args = parser.parse_args(argv)
+    run = {"generate": generate, "bench-generate": bench_generate, "bench-play": bench_play}
+    print(json.dumps(run[args.command](args)))
+
+
+if __name__ == "__main__":
+    main()
