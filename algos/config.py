@@ -7,7 +7,6 @@ that names the key, where it came from (the file or the command line) and the cl
 """
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 import envs
-from agents.model import ModelConfig
+from agents.model import VLLM_ARCHS, ModelConfig
 from agents.tokenizer import TokenizerConfig
 from rollout.runner import RolloutConfig
 from rollout.worker import RayConfig
@@ -137,11 +136,17 @@ class RLConfig(_Section):
                            "exact: algos/losses.py); 0 frees the reference")
     entropy_coef: float = Field(0.0, ge=0)
     tis_cap: float = Field(2.0, ge=0, description="truncated importance weight cap C; 0 disables")
-    eval_every: int = Field(10, ge=0, description="held-out eval every N iterations; 0 = start and end only")
+    routing_replay: bool = Field(
+        False, description="model.arch=moe: the learner routes every token the rollout engine ran to the experts "
+        "that engine chose (verl's routing replay), so π_old, π_θ and μ compare the same experts even where "
+        "the learner's own top-k would pick others (near-ties, bf16 rollouts); the torch engine records them")
+    eval_every: int = Field(10, ge=0, description="eval on the valid split every N iterations; 0 = none (the test "
+                            "split is played before and after RL either way)")
     eval_samples: int = Field(
         0, ge=0, description="held-out evals also play this many episodes per task at rollout.temperature and "
         "report their success (sampled_accuracy): what RL optimises, and steadier than greedy success")
-    eval_tasks: int = Field(200, ge=1, description="held-out tasks in the periodic eval")
+    eval_tasks: int = Field(200, ge=1, description="valid-split tasks in the periodic eval (the test split before and "
+                            "after RL is eval.split, eval.num_tasks of it)")
     save_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
 
@@ -196,6 +201,16 @@ class Experiment(_Section):
             raise ValueError("runtime.offload_optimizer needs runtime.zero_stage ≥ 1")
         if self.rl is not None and rl_sampling_error(self.rollout):
             raise ValueError(rl_sampling_error(self.rollout))
+        if self.rollout.backend == "vllm" and self.model.arch not in VLLM_ARCHS:
+            raise ValueError(f"rollout.backend=vllm cannot serve model.arch={self.model.arch}: vLLM serves "
+                             f"{', '.join(VLLM_ARCHS)}; use rollout.backend=torch")
+        if self.rl is not None and self.rl.routing_replay:
+            if self.model.arch != "moe":
+                raise ValueError(f"rl.routing_replay needs model.arch=moe (model.arch={self.model.arch} "
+                                 "routes nothing)")
+            if self.rollout.backend != "torch":
+                raise ValueError("rl.routing_replay needs rollout.backend=torch: the embedded engine records the "
+                                 "experts it routed each token to; the vLLM engine reports none")
         if "reward_density" in (self.env.model_extra or {}):
             raise ValueError("set the reward density with reward.density (one switch for every algorithm), "
                              "not env.reward_density")
@@ -265,8 +280,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     # The env section is checked by its own schema, picked by name.
     known = envs.list_envs()
     if exp.env.name not in known:
-        close = difflib.get_close_matches(exp.env.name, known, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        close = envs.closest(exp.env.name, known)
+        hint = f"; did you mean '{close}'?" if close else ""
         raise ConfigError(f"unknown env.name '{exp.env.name}' ({origin('env.name')}){hint} Known: {', '.join(known)}")
     env_schema = envs.config_class(exp.env.name)
     try:

@@ -23,6 +23,10 @@ The learner scores the distribution the engine sampled from, softmax(logits / ro
 Token alignment: the logits at position t predict token t+1, so every per-token array is used
 shifted by one (`[:, 1:]`): the mask says which predicted tokens the policy wrote. Tokens drawn by
 constrained decoding (rollout.constrain_actions) are scored under the same mask (`Batch.constrain`).
+
+A mixture-of-experts policy (model.arch: moe) adds its load-balance loss (agents/moe.py) to the
+policy's loss and logs the per-expert load; with rl.routing_replay every forward of the policy
+and the reference routes each token the engine ran to the experts the engine chose.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from agents.model import MOE_KEYS
+from agents.moe import RouterTap, expert_stats
 from algos.advantages import compute_advantages
 from algos.config import Experiment, rl_sampling_error
 from algos.losses import (
@@ -84,6 +90,9 @@ class Batch:
     groups: torch.Tensor  # [E]
     # constrained decoding: per episode, {shifted position: allowed token ids} (empty = free)
     choice_sets: list[dict[int, list[int]]] | None = None
+    # routing replay: per token (unshifted, like input_ids) the experts the engine chose, −1 where
+    # it recorded none (e.g. an episode's last token, never fed back) [E, T, layers, k]
+    routed_experts: torch.Tensor | None = None
     # filled in by Learner.update, [E, T-1] each (π_old, π_ref and TIS stay None on the on-policy
     # fast path: each micro-step computes them from its own forward)
     old_logp: torch.Tensor | None = None  # log π_old
@@ -94,7 +103,8 @@ class Batch:
     returns: torch.Tensor | None = None  # the critic's targets (PPO)
 
     @staticmethod
-    def from_trajectories(trajs: list[Trajectory], pad_id: int) -> Batch:
+    def from_trajectories(trajs: list[Trajectory], pad_id: int, routing: bool = False) -> Batch:
+        """`routing`: also gather the trajectories' recorded experts (for routing replay)."""
         e, t = len(trajs), max(len(tr.token_ids) for tr in trajs)
         ids = torch.full((e, t), pad_id, dtype=torch.long)
         am = torch.zeros((e, t), dtype=torch.long)
@@ -108,7 +118,7 @@ class Batch:
             rw[i, :n] = torch.tensor(tr.rewards)
         choices = [{pos - 1: ids for pos, ids in tr.choice_sets.items()} for tr in trajs]
         return Batch(ids, am, pm[:, 1:], lp[:, 1:], rw[:, 1:], torch.tensor([tr.group for tr in trajs]),
-                     choices if any(choices) else None)
+                     choices if any(choices) else None, routed_experts(trajs, t) if routing else None)
 
     def constrain(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Logits [B, T-1, V] of `rows`, masked to the choices the engine sampled from (if any), so
@@ -122,6 +132,20 @@ class Batch:
         t_idx = torch.tensor([w[1] for w in where], device=logits.device)
         picked = mask_logits(logits[b_idx, t_idx], [w[2] for w in where])  # [K, V] fp32
         return logits.float().index_put((b_idx, t_idx), picked)
+
+
+def routed_experts(trajs: list[Trajectory], length: int) -> torch.Tensor:
+    """The trajectories' recorded experts as one tensor [E, length, layers, k], −1 where none."""
+    shapes = [experts.shape[1:] for tr in trajs for _, experts in tr.routing]
+    if not shapes:
+        raise ValueError("rl.routing_replay: the episodes carry no routed experts (only the torch engine's "
+                         "mixture-of-experts decoder records them)")
+    out = torch.full((len(trajs), length, *shapes[0]), -1, dtype=torch.long)
+    for i, tr in enumerate(trajs):
+        for first, experts in tr.routing:
+            n = min(len(experts), len(tr.token_ids) - first)  # an episode cut by its budget keeps fewer tokens
+            out[i, first : first + n] = torch.as_tensor(experts[:n], dtype=torch.long)
+    return out
 
 
 class Learner:
@@ -145,6 +169,8 @@ class Learner:
                                               self.cfg.grad_clip if self.cfg.critic_grad_clip is None
                                               else self.cfg.critic_grad_clip)
         self.engines = [e for e in (self.engine, self.critic_engine) if e is not None]
+        # a mixture of experts' balance loss weight (the recipe's; the default if it names another arch)
+        self.balance_coef = exp.model.balance_coef if exp.model.balance_coef is not None else MOE_KEYS["balance_coef"]
         # Skip the no-grad π_old pass when it cannot differ from the gradient pass (see the module
         # docstring); False forces the pass (tests compare both).
         self.fast_on_policy = True
@@ -173,9 +199,21 @@ class Learner:
         t = int(batch.attention_mask[rows].sum(-1).max())
         return batch.input_ids[rows, :t].to(self.device), batch.attention_mask[rows, :t].to(self.device), t
 
-    def _logits(self, model, batch: Batch, rows: torch.Tensor, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
-        """[B, t-1, V] logits of the sampling distribution: / temperature, then the choice masks."""
-        logits = model(input_ids=ids, attention_mask=am).logits[:, :-1]
+    def _router_tap(self, model, batch: Batch, rows: torch.Tensor, t: int) -> RouterTap:
+        """Records `model`'s routing over these rows (nothing on a dense model) and, under
+        rl.routing_replay, routes each recorded token to the engine's experts."""
+        replay = None
+        if self.cfg.routing_replay:
+            experts = batch.routed_experts[rows, :t]  # [B, t, L, k]
+            replay = experts.permute(2, 0, 1, 3).reshape(experts.shape[2], -1, experts.shape[3]).to(self.device)
+        return RouterTap(model, replay)
+
+    def _logits(self, model, batch: Batch, rows: torch.Tensor, ids: torch.Tensor, am: torch.Tensor,
+                tap: RouterTap | None = None) -> torch.Tensor:
+        """[B, t-1, V] logits of the sampling distribution: / temperature, then the choice masks.
+        `tap`: the router tap the forward runs under (one of `_router_tap` otherwise)."""
+        with tap or self._router_tap(model, batch, rows, ids.shape[1]):
+            logits = model(input_ids=ids, attention_mask=am).logits[:, :-1]
         if self.temperature != 1.0:
             logits = logits.float() / self.temperature
         return batch.constrain(logits, rows)
@@ -218,7 +256,7 @@ class Learner:
         """Steps 1 and 2 of an update: the batch of `trajs` with π_old, π_ref, V_old and the TIS
         weights (unless `fast`) and the advantages and value targets on it."""
         cfg = self.cfg
-        batch = Batch.from_trajectories(trajs, self.pad_id)
+        batch = Batch.from_trajectories(trajs, self.pad_id, routing=cfg.routing_replay)
         if not fast:
             for engine in self.engines:
                 engine.eval()
@@ -286,7 +324,8 @@ class Learner:
         sl = (rows, slice(0, t - 1))
         w = weights[:, : t - 1].to(dev)
         behaviour_logp = batch.behaviour_logp[sl].to(dev)
-        logp, ent = logprobs_and_entropy(self._logits(self.engine, batch, rows, ids, am), ids[:, 1:],
+        tap = self._router_tap(self.engine, batch, rows, t)
+        logp, ent = logprobs_and_entropy(self._logits(self.engine, batch, rows, ids, am, tap), ids[:, 1:],
                                          entropy_grad=cfg.entropy_coef > 0)
         if fast:  # on-policy: π_old is this very forward (ratio 1, gradient of ρ = ∇ log π)
             old_logp = logp.detach()
@@ -305,6 +344,11 @@ class Learner:
         if ref_logp is not None:
             loss = loss + cfg.kl_coef * kl_loss(logp, old_logp, ref_logp, w, tis_w)
             stats["kl_ref"] = weighted_sum(kl_k3(logp.detach(), ref_logp), w)
+        balance = tap.balance_loss(am, self.balance_coef)  # a mixture of experts: over every token routed
+        if balance is not None:
+            share = w.sum()  # this micro-batch's share of the mini-batch's loss weights
+            loss = loss + share * balance[0]
+            stats.update(expert_stats(share * balance[0], share * balance[1]))
         self.engine.backward(loss, scale_wrt_gas=False)  # the weights already scale each micro-batch
         if self.critic_engine is not None:
             v_loss = clipped_value_loss(self._values(self.critic_engine, ids, am), batch.old_values[sl].to(dev),

@@ -3,7 +3,9 @@
 For Countdown the demonstration is a search stream: the prompt (the problem's first state line)
 is context, the stream after it is the target. The loop runs on a DeepSpeed engine (ZeRO stage,
 precision and device from `runtime`), checkpoints every `save_every` steps and resumes exactly:
-the batch order is a pure function of (seed, step), so a resumed run sees the same batches.
+the batch order is a pure function of (seed, step), so a resumed run sees the same batches. A
+mixture-of-experts policy (model.arch: moe) adds its load-balance loss (agents/moe.py) and logs
+it with the per-expert load.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from agents.model import build_model, count_parameters
+from agents.model import build_model
+from agents.moe import RouterTap, expert_stats, parameter_counts
 from algos.checkpoint import latest_checkpoint, load_learner_state, save_checkpoint
 from algos.config import Experiment
 from algos.metrics import MetricsLogger
@@ -75,6 +78,18 @@ def collate(examples: list[Example], pad_id: int, device) -> dict[str, torch.Ten
     return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device)}
 
 
+def sft_loss(engine, batch: dict[str, torch.Tensor], balance_coef: float) -> tuple[torch.Tensor, dict]:
+    """One micro-batch's loss: the masked next-token loss, plus a mixture of experts' balance loss
+    over its real tokens. Returns (loss, routing stats: the balance loss and per-expert load, {}
+    for a dense model)."""
+    with RouterTap(engine) as tap:
+        loss = engine(**batch).loss
+    balance = tap.balance_loss(batch["attention_mask"], balance_coef)
+    if balance is None:
+        return loss, {}
+    return loss + balance[0], expert_stats(*balance)
+
+
 def lr_lambda(warmup: int, total: int, min_ratio: float):
     """Linear warmup then cosine decay to min_ratio * lr."""
 
@@ -115,29 +130,32 @@ def train_sft(exp: Experiment, examples: list[Example], tokenizer, run_dir: str 
         tqdm.write(f"--resume: no checkpoint under {run_dir}, starting from step 0")
 
     log = MetricsLogger(run_dir, resume_from=step if resume else None)
-    n_params = count_parameters(model)
-    tqdm.write(f"SFT: {n_params / 1e6:.2f}M parameters, {len(examples)} examples, "
+    n_params, n_active = parameter_counts(model)
+    active = f" ({n_active / 1e6:.2f}M active per token)" if n_active != n_params else ""
+    tqdm.write(f"SFT: {n_params / 1e6:.2f}M parameters{active}, {len(examples)} examples, "
                f"{batches.per_epoch} batches/epoch, {cfg.steps} steps on {device}")
     bar = tqdm(total=cfg.steps, initial=step, desc="sft", disable=not progress, dynamic_ncols=True)
     engine.train()
     last = None
     t0, tokens = time.perf_counter(), 0
     while step < cfg.steps:
-        loss_sum = 0.0
+        loss_sum, routing = 0.0, {}
         for micro in range(cfg.grad_accum):
             idx = batches[step * cfg.grad_accum + micro]
             batch = collate([examples[i] for i in idx], tokenizer.pad_token_id, engine.device)
-            loss = engine(**batch).loss
+            loss, stats = sft_loss(engine, batch, exp.model.balance_coef or 0.0)
             engine.backward(loss)
             engine.step()
-            loss_sum += loss.item() / cfg.grad_accum
+            loss_sum += (loss.item() - float(stats.get("balance_loss", 0.0))) / cfg.grad_accum  # the LM loss
+            for k, v in stats.items():
+                routing[k] = routing.get(k, 0.0) + float(v) / cfg.grad_accum
             tokens += int(batch["attention_mask"].sum())
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
             dt = time.perf_counter() - t0
             metrics = {"loss": loss_sum, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / dt,
-                       "epoch": step * cfg.grad_accum / batches.per_epoch}
+                       "epoch": step * cfg.grad_accum / batches.per_epoch, **routing}
             log.log(step, metrics, prefix="sft/")
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / dt:.0f}")
             t0, tokens = time.perf_counter(), 0
@@ -146,7 +164,7 @@ def train_sft(exp: Experiment, examples: list[Example], tokenizer, run_dir: str 
                                    {"step": step, "rng": rng_state(), "phase": "sft"}, cfg.keep_checkpoints)
         if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             engine.eval()
-            log.log(step, evaluate(engine.module, step), prefix="eval/")
+            log.log(step, evaluate(engine.module, step), prefix="valid/")  # periodic evals read valid
             engine.train()
     bar.close()
     log.close()

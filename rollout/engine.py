@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from rollout.decoder import decoder_for
+from rollout.decoder import RoutingTrace, decoder_for
 from rollout.kv_cache import GrowingCache, RowsView, kv_shape
 
 
@@ -57,6 +57,11 @@ class Completion:
     # constrained decoding: per token, the token ids that were allowed at its step (None = free);
     # the learner needs them to compute the same masked distribution.
     allowed: list[list[int] | None] | None = None
+    # a mixture-of-experts decoder's routing (rollout/decoder.py), for routing replay: the experts
+    # [tokens, layers, k] of every token this call ran, i.e. the prompt from index `routed_from` on
+    # (the tokens before it came from the session's KV) and then each completion token but the last
+    routed_experts: torch.Tensor | None = None
+    routed_from: int = 0
 
 
 def check_request(
@@ -252,9 +257,11 @@ class TorchEngine(InferenceEngine):
     (`prefill_tokens`), served from sessions (`reused_tokens`) and generated.
 
     `fast_forward`: run the model through its cached forward in rollout/decoder.py when there is
-    one (Llama: same math, fewer ops, oneDNN matmuls on CPU); other models always use their own
-    forward. `compact_fraction`: cut finished rows out of the batch once this fraction has
-    finished. `prefill_group_cost`: the fixed cost of one more prefill group, in padding tokens.
+    one (Llama, Qwen2-MoE: same math, fewer ops, oneDNN matmuls on CPU); other models always use
+    their own forward. A mixture-of-experts decoder also reports the experts it routed each token
+    to (`Completion.routed_experts`, for the learner's routing replay). `compact_fraction`: cut
+    finished rows out of the batch once this fraction has finished. `prefill_group_cost`: the
+    fixed cost of one more prefill group, in padding tokens.
     """
 
     def __init__(
@@ -292,6 +299,7 @@ class TorchEngine(InferenceEngine):
         # Counters since construction: prompt tokens run through the model, prompt tokens served
         # from stored sessions, and tokens generated.
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0}
+        self._trace: RoutingTrace | None = None  # the running chunk's routing (a MoE decoder's)
 
     # -- sessions -----------------------------------------------------------------------------
     @property
@@ -375,6 +383,8 @@ class TorchEngine(InferenceEngine):
         """
         n, max_new = len(prompts), params.max_new_tokens
         layout = self._layout(prompts, cached)
+        if getattr(self._decoder, "records_routing", False):
+            self._trace = RoutingTrace(layout.slots)
         cache, logits, batch = self._prefill(prompts, layout, cached, max_new)
         stop = torch.as_tensor(params.stop_token_ids or [-1], device=self.device)
         stop_step = torch.full((n,), -1, dtype=torch.long, device=self.device)  # per prompt: step of its stop token
@@ -396,11 +406,18 @@ class TorchEngine(InferenceEngine):
             # Feed this step's tokens; the KV for them lands in column W + step.
             logits = self._decode(tokens[:, None], batch.next_pos[:, None], cache,
                                   batch.mask[:, : layout.W + step + 1], batch.segments)
+            if self._trace is not None:
+                self._trace.decode(batch.rows, self._decoder.routed_experts())
             batch.next_pos = batch.next_pos + 1
         if cached is not None:
             self._extract(cache, kvs, torch.arange(len(batch.rows), device=self.device), batch.rows, stop_step,
                           step, layout)
         completions = self._completions(history, stop_step >= 0, trees, allowed_log)
+        if self._trace is not None:
+            routed = self._trace.per_prompt([len(c.token_ids) - 1 for c in completions])
+            for c, experts, reuse in zip(completions, routed, layout.reuse):
+                c.routed_experts, c.routed_from = experts, reuse
+            self._trace = None
         self.stats["generated_tokens"] += sum(len(c.token_ids) for c in completions)
         return completions, kvs
 
@@ -568,6 +585,8 @@ class TorchEngine(InferenceEngine):
             mask4 = _additive(allowed, self.dtype)
             views = [RowsView(layer._k[a:b], layer._v[a:b], start) for layer in cache.layers]
             logits.append(self._decoder(input_ids[a:b, S - s :], positions[a:b, S - s :], views, mask4))
+            if self._trace is not None:
+                self._trace.prefill(a, suffix_len[a:b], self._decoder.routed_experts())
         for layer in cache.layers:
             layer.preload(layer._k, layer._v, W)
         return torch.cat(logits)

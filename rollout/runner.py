@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+import envs
 from rollout.engine import SamplingParams
 from rollout.trajectory import Trajectory
 
@@ -112,8 +113,6 @@ class EpisodeRunner:
     def for_env(cls, engine, tokenizer, env_name: str, env_options: dict, cfg: RolloutConfig,
                 max_episode_tokens: int) -> EpisodeRunner:
         """A runner of the registered env `env_name` (its config validated once, its own format)."""
-        import envs
-
         env_cfg = envs.validate_config(env_name, env_options)
         return cls(engine, tokenizer, lambda: envs.make(env_name, env_cfg), envs.format_for(env_name), cfg,
                    max_episode_tokens)
@@ -230,6 +229,8 @@ class EpisodeRunner:
         for i, comp in zip(live, completions):
             ep, tr = episodes[i], episodes[i].traj
             ids, logps = comp.token_ids[: ep.room], comp.logprobs[: ep.room]
+            if comp.routed_experts is not None:  # the prompt was tr.token_ids, so its indices are the trajectory's
+                tr.routing.append((comp.routed_from, comp.routed_experts))
             tr.append(ids, policy=True, logprobs=logps, allowed=comp.allowed and comp.allowed[: ep.room])
             tr.turns += 1
             stats.turns += 1

@@ -9,6 +9,9 @@ the whole text is never re-tokenised), with per-token arrays aligned to it:
     rewards      turn t's reward on the last token of act_t (0 elsewhere)
     choice_sets  {index: token ids allowed there} for policy tokens drawn by constrained decoding
                  (rollout.constrain_actions): the learner masks its logits the same way
+    routing      a mixture-of-experts policy's recorded routing: (first index, experts [tokens,
+                 layers, k]) for each run of tokens the engine put through the model; the
+                 learner routes those tokens the same way under rl.routing_replay
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ class Trajectory:
     rewards: list[float] = field(default_factory=list)
     turn_ends: list[int] = field(default_factory=list)  # index of each turn's last policy token
     choice_sets: dict[int, list[int]] = field(default_factory=dict)
+    routing: list[tuple[int, Any]] = field(default_factory=list)
     won: bool = False
     turns: int = 0
     # Why the episode stopped without the env ending it: "episode_tokens" (the conversation hit

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from agents.moe import checkpoint_state_dict
 from rollout.engine import Completion, InferenceEngine, SamplingParams
 
 _INSTALL_HINT = (
@@ -151,6 +152,8 @@ class VLLMEngine(InferenceEngine):
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load new weights in place (names as in the model's `state_dict`)."""
+        # vLLM's loaders read checkpoint names: an MoE's stacked experts go per expert
+        state_dict = checkpoint_state_dict(dict(state_dict))
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":  # engine core in this process
             weights = [(name, t.detach()) for name, t in state_dict.items()]
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
