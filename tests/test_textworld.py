@@ -514,3 +514,19 @@ def test_constrained_decoding_plays_only_admissible_commands(source, cfg, tmp_pa
     for tr in trajs:  # an unmasked learner would see a different distribution
         tr.choice_sets = {}
     assert logp_gap() > 1e-2
+
+
+def test_timed_play_wins_every_game_by_its_walkthrough_and_counts_its_steps(source, cfg):
+    # the env-speed bench of the text games (python -m envs.textworld bench-play) plays through this
+    from envs.base import timed_play
+
+    tasks = source.tasks("train")
+    env = envs.make("textworld", cfg)
+    try:
+        played = timed_play(env, tasks, follow_walkthrough=True)
+        random_play = timed_play(env, tasks[:1], follow_walkthrough=False)
+    finally:
+        env.close()
+    assert played["episodes"] == len(tasks) and played["won"] == len(tasks)
+    assert played["steps"] == sum(len(t["walkthrough"]) for t in tasks)
+    assert random_play["steps"] >= 1 and played["steps_per_s"] > 0

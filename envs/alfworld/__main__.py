@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import tempfile
 import time
 from collections import Counter
 
-from ..base import TRAIN_SPLIT
+from ..base import TRAIN_SPLIT, timed_play
 from .config import AlfWorldConfig
 from .env import AlfWorldEnv
 from .tasks import SPLITS, AlfWorldTasks
@@ -55,27 +54,11 @@ def bench_play(args) -> dict:
                             reward_density=args.density, max_turns=args.max_turns)
     tasks = AlfWorldTasks(config).tasks(args.split)[: args.episodes]
     env = AlfWorldEnv(config)
-    rng = random.Random(0)
-    steps = wins = 0
-    reset_s = step_s = 0.0
-    for task in tasks:
-        t = time.perf_counter()
-        _, info = env.reset(options={"task": task})
-        reset_s += time.perf_counter() - t
-        plan = list(task["walkthrough"]) if args.policy == "expert" else None
-        done = False
-        while not done:
-            action = plan.pop(0) if plan else rng.choice(info["admissible_actions"] or ["look"])
-            t = time.perf_counter()
-            _, _, terminated, truncated, info = env.step(action)
-            step_s += time.perf_counter() - t
-            steps += 1
-            done = terminated or truncated
-        wins += info["won"]
-    env.close()
-    return {"split": args.split, "policy": args.policy, "density": args.density, "episodes": len(tasks),
-            "won": wins, "steps": steps, "steps_per_s": round(steps / step_s, 1),
-            "ms_per_step": round(1000 * step_s / steps, 2), "ms_per_reset": round(1000 * reset_s / len(tasks), 1)}
+    try:
+        played = timed_play(env, tasks, follow_walkthrough=args.policy == "expert")
+    finally:
+        env.close()
+    return {"split": args.split, "policy": args.policy, "density": args.density, **played}
 
 
 def main(argv=None) -> None:

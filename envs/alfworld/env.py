@@ -27,7 +27,6 @@ remaining steps, -1 when it finds none; dense only) and `goal`.
 
 from __future__ import annotations
 
-import os
 import re
 
 from ..base import make_info, quantize
@@ -101,17 +100,7 @@ class AlfWorldEnv(GameFileEnv):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        task = (options or {}).get("task")
-        if task is None:
-            task = self._draw_task()
-        elif isinstance(task, str):
-            task = {"game": task}
-        if not isinstance(task, dict) or not isinstance(task.get("game"), str):
-            raise ValueError(f"options['task'] must be a task dict with a 'game' path, got {task!r}")
-        if not os.path.isfile(task["game"]):
-            raise FileNotFoundError(f"alfworld game {task['game']!r} does not exist "
-                                    "(generate the split again, or fix the task's 'game' path)")
-        self.task = task
+        self.task = task = self._task_of(options)
         state = self._start(task["game"])
         self._state, self.turns, self._paid, self._over, self._plan = state, 0, 0.0, False, None
         self._on_plan, self._done = True, 0  # following the task's expert plan; its steps taken

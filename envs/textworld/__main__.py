@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import tempfile
-import time
 
-from ..base import TRAIN_SPLIT, VALID_SPLIT
+from ..base import TRAIN_SPLIT, VALID_SPLIT, timed_play
 from .config import TextWorldConfig
 from .env import TextWorldEnv
 from .generate import GameCache
@@ -58,28 +56,11 @@ def bench_play(args) -> dict:
                      admissible_commands=args.admissible_commands)
     tasks = TextWorldTasks(config).tasks(TRAIN_SPLIT)
     env = TextWorldEnv(config)
-    rng = random.Random(0)
-    steps = wins = 0
-    reset_s = step_s = 0.0
-    for task in tasks:
-        t = time.perf_counter()
-        _, info = env.reset(options={"task": task})
-        reset_s += time.perf_counter() - t
-        plan = list(task["walkthrough"]) if args.policy == "walkthrough" else None
-        done = False
-        while not done:
-            action = plan.pop(0) if plan else rng.choice(info["admissible_actions"] or ["look"])
-            t = time.perf_counter()
-            _, _, terminated, truncated, info = env.step(action)
-            step_s += time.perf_counter() - t
-            steps += 1
-            done = terminated or truncated
-        wins += info["won"]
-    env.close()
-    return {"complexity": config.parsed.name, "policy": args.policy, "episodes": len(tasks),
-            "won": wins, "steps": steps, "steps_per_s": round(steps / step_s, 1),
-            "ms_per_step": round(1000 * step_s / steps, 2),
-            "ms_per_reset": round(1000 * reset_s / len(tasks), 1)}
+    try:
+        played = timed_play(env, tasks, follow_walkthrough=args.policy == "walkthrough")
+    finally:
+        env.close()
+    return {"complexity": config.parsed.name, "policy": args.policy, **played}
 
 
 def main(argv=None) -> None:

@@ -130,6 +130,20 @@ class GameFileEnv(TextEnv):
         self._close_game()
         super().close()
 
+    def _task_of(self, options: dict | None) -> dict:
+        """reset()'s task: options["task"] (a task dict, or a game path), else a drawn train game."""
+        task = (options or {}).get("task")
+        if task is None:
+            task = self._draw_task()
+        elif isinstance(task, str):
+            task = {"game": task}
+        if not isinstance(task, dict) or not isinstance(task.get("game"), str):
+            raise ValueError(f"options['task'] must be a task dict with a 'game' path, got {task!r}")
+        if not os.path.isfile(task["game"]):
+            raise FileNotFoundError(f"{self.name} game {task['game']!r} does not exist "
+                                    "(generate the split again, or fix the task's 'game' path)")
+        return task
+
     def _draw_task(self) -> dict:
         if self._tasks is None:
             self._tasks = self._task_source()
@@ -189,17 +203,7 @@ class TextWorldEnv(GameFileEnv):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        task = (options or {}).get("task")
-        if task is None:
-            task = self._draw_task()
-        elif isinstance(task, str):
-            task = {"game": task}
-        if not isinstance(task, dict) or not isinstance(task.get("game"), str):
-            raise ValueError(f"options['task'] must be a task dict with a 'game' path, got {task!r}")
-        if not os.path.isfile(task["game"]):
-            raise FileNotFoundError(f"textworld game {task['game']!r} does not exist "
-                                    "(generate the split again, or fix the task's 'game' path)")
-        self.task = task
+        self.task = task = self._task_of(options)
         state = self._start(task["game"])
         self._state = state
         self.turns = 0
