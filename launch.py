@@ -6,6 +6,10 @@
     python launch.py train    configs/countdown3_grpo.yaml [key=value ...] [--resume]
     python launch.py eval     configs/countdown3_sos.yaml --checkpoint runs/countdown3_sos \
                               [--split S | --problems-file F]
+    python launch.py distill  configs/countdown3_sos.yaml --teacher runs/moe --gather svd --out runs/ones \
+                              [--steps N] [--width W] [--baseline runs/dense]
+    python launch.py convert  configs/countdown3_sos.yaml --from runs/countdown3_sos --out runs/factor \
+                              [--steps N] [model.arch=factor +model.num_experts=8 +model.top_k=4]
 
 Overrides use dotted keys, e.g. `sft.steps=200 model.hidden_size=256 env.num_inputs=4`.
 """
@@ -70,6 +74,21 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True, help="a run folder, checkpoint folder or save_pretrained folder")
     ev.add_argument("--split", help="held-out split (default: eval.split)")
     ev.add_argument("--problems-file", help="JSONL tasks to evaluate instead of a split")
+    ds = job("distill", "OneS: gather a trained moe policy's experts into a dense llama student, distil it "
+             "against the moe on the recipe's demos, evaluate both")
+    ds.add_argument("--teacher", required=True, help="a trained model.arch=moe run, checkpoint or policy folder")
+    ds.add_argument("--gather", default="svd", help="sum, average, topk or svd (docs/backbones.md; default svd)")
+    ds.add_argument("--out", required=True, help="the student's policy folder (save_pretrained + tokenizer)")
+    ds.add_argument("--steps", type=int, help="distillation steps (default sft.steps)")
+    ds.add_argument("--width", type=int, help="the student's FFN width (default 4 * hidden_size; sum: all neurons)")
+    ds.add_argument("--baseline", help="a dense policy of the same budget: report the share of the moe's gain kept")
+    cv = job("convert", "FactorLLM: split a trained dense policy's FFNs into model.num_experts experts (default 8, "
+             "top 4), train their routers on the recipe's demos, write a factor policy folder")
+    cv.add_argument("--from", dest="source", required=True, help="a trained dense run, checkpoint or policy folder")
+    cv.add_argument("--out", required=True, help="the factor policy's folder (rl.init_from / sft.init_from)")
+    cv.add_argument("--steps", type=int, default=200, help="router training steps (default 200)")
+    cv.add_argument("--lm-loss", action="store_true", help="train the routers on the LM loss too (default: the "
+                    "PA and balance losses only)")
     return p
 
 
@@ -102,6 +121,15 @@ def main(argv: list[str] | None = None) -> int:
             recipes.train(exp, resume=args.resume)
         elif args.command == "eval":
             recipes.evaluate(exp, args.checkpoint, split=args.split, problems_file=args.problems_file)
+        elif args.command == "distill":
+            from algos.distill import distill
+
+            distill(exp, args.teacher, args.out, gather=args.gather, steps=args.steps, width=args.width,
+                    baseline=args.baseline)
+        elif args.command == "convert":
+            from algos.convert import convert_to_factor
+
+            convert_to_factor(exp, args.source, args.out, args.steps, lm_loss=args.lm_loss)
     except (ConfigError, CheckpointError, EnvConfigError, FileNotFoundError, ValueError) as e:
         if args.debug:
             raise

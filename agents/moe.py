@@ -35,7 +35,7 @@ def moe_sizes(cfg: ModelConfig) -> tuple[int, int]:
     return cfg.expert_size or cfg.hidden_size, cfg.shared_expert_size or 2 * cfg.hidden_size
 
 
-def build_moe_model(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> Qwen2MoeForCausalLM:
+def build(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> Qwen2MoeForCausalLM:
     """A freshly initialised Qwen2-MoE policy for a `model.arch: moe` section (float32)."""
     if Qwen2MoeTopKRouter is None:
         raise RuntimeError("model.arch=moe needs transformers >= 5 (its Qwen2-MoE router and experts modules)")

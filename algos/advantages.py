@@ -112,3 +112,51 @@ def group_baselines(episode_returns: torch.Tensor, groups: torch.Tensor, kind: s
         else:
             raise ValueError(f"unknown group baseline {kind!r}; use 'grpo' or 'rloo'")
     return baseline, scale
+
+
+# -- what the loop logs of the advantages (docs/rl.md, "Reading an update") -----------------------
+
+def zero_variance_share(episode_returns: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6) -> float:
+    """The share of groups (of two or more episodes) whose returns are all equal: under GRPO/RLOO
+    with sparse rewards their advantages are 0, so they teach nothing."""
+    flat, total = 0, 0
+    for g in groups.unique():
+        r = episode_returns[groups == g]
+        if r.numel() > 1:
+            total += 1
+            flat += bool(r.max() - r.min() <= eps)
+    return flat / total if total else 0.0
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 − Var(R − V) / Var(R) over the policy's tokens: 1 = the critic predicts the value targets,
+    0 = no better than their mean, < 0 = worse (PPO's critic, before the update)."""
+    on = mask.bool()
+    r, v = returns[on].double(), values[on].double()
+    var = r.var(unbiased=False)
+    return float(1 - (r - v).var(unbiased=False) / var) if var > 0 else float("nan")
+
+
+def turn_index(mask: torch.Tensor) -> torch.Tensor:
+    """[E, T] -> [E, T]: on each policy token the 1-based index of its turn (a turn is a run of
+    policy tokens), 0 off them."""
+    m = mask.long()
+    starts = m * (1 - torch.nn.functional.pad(m, (1, 0))[:, :-1])  # 1 where a run of policy tokens begins
+    return starts.cumsum(-1) * m
+
+
+def advantage_by_turn(adv: torch.Tensor, mask: torch.Tensor, turns: int = 3) -> dict[str, float]:
+    """Mean advantage of the policy's tokens in each of the first `turns` turns and in each
+    episode's last turn: how the credit spreads over the turns."""
+    idx = turn_index(mask)
+    out = {}
+    for k in range(1, turns + 1):
+        sel = idx == k
+        if sel.any():
+            out[f"adv_turn{k}"] = float(adv[sel].mean())
+    last = idx == idx.max(-1, keepdim=True).values
+    sel = last & mask.bool()
+    if sel.any():
+        out["adv_turn_last"] = float(adv[sel].mean())
+    return out
+

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from agents.model import PolicyLoadError, load_pretrained
-from algos.runtime import full_state_dict
+from algos.runtime import barrier, dist_rank_world, full_state_dict
 
 COMPLETE = "COMPLETE"
 
@@ -40,29 +40,41 @@ def _write_atomic(path: Path, text: str) -> None:
 def save_checkpoint(run_dir: str | Path, step: int, engine, tokenizer, state: dict[str, Any], keep: int,
                     critic=None) -> Path:
     """Write checkpoint `step` (the policy's engine, and PPO's critic engine when given); COMPLETE
-    and the `latest` pointer come last, so a save cut off midway is never resumed from."""
+    and the `latest` pointer come last, so a save cut off midway is never resumed from.
+
+    With several learner ranks every rank calls this (DeepSpeed writes each rank's partition of the
+    weights and optimizer; under ZeRO-3 gathering the weights is collective too) and rank 0 writes
+    the rest: the folder must be one all ranks see (a shared filesystem on a cluster)."""
+    rank = dist_rank_world()[0]
     root = checkpoint_root(run_dir)
     ck = root / f"step_{step:07d}"
-    if ck.exists():
-        shutil.rmtree(ck)
-    ck.mkdir(parents=True)
+    if rank == 0:
+        if ck.exists():
+            shutil.rmtree(ck)
+        ck.mkdir(parents=True)
+    barrier()
     engine.save_checkpoint(str(ck / "learner"), tag="state")
     if critic is not None:
         critic.save_checkpoint(str(ck / "critic"), tag="state")
     save_policy(engine, tokenizer, ck / "model")
-    torch.save(state, ck / "state.pt")
-    (ck / COMPLETE).touch()
-    _write_atomic(root / "latest", ck.name)
-    complete = sorted(p for p in root.glob("step_*") if (p / COMPLETE).exists())
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if rank == 0:
+        torch.save(state, ck / "state.pt")
+        (ck / COMPLETE).touch()
+        _write_atomic(root / "latest", ck.name)
+        complete = sorted(p for p in root.glob("step_*") if (p / COMPLETE).exists())
+        for old in complete[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return ck
 
 
 def save_policy(engine, tokenizer, folder: Path) -> None:
-    """save_pretrained of the engine's policy (its weights gathered first under ZeRO-3)."""
-    engine.module.save_pretrained(folder, state_dict=full_state_dict(engine))
-    tokenizer.save_pretrained(folder)
+    """save_pretrained of the engine's policy (its weights gathered first under ZeRO-3: with several
+    ranks, every rank calls this and rank 0 writes)."""
+    weights = full_state_dict(engine)
+    if dist_rank_world()[0] == 0:
+        engine.module.save_pretrained(folder, state_dict=weights)
+        tokenizer.save_pretrained(folder)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

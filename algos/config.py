@@ -57,6 +57,9 @@ class DemoConfig(BaseModel):
 
 class SFTConfig(_Section):
     demos: DemoConfig = DemoConfig()
+    init_from: str | None = Field(
+        None, description="start from this policy (a run, checkpoint or model folder, e.g. one `launch.py convert` "
+        "wrote) and its tokenizer instead of a fresh model of the recipe's model section; None = fresh")
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(32, ge=1, description="sequences per micro-batch")
     grad_accum: int = Field(1, ge=1)
@@ -159,6 +162,23 @@ class RLConfig(_Section):
         return self
 
 
+class LearnerConfig(_Section):
+    """How many processes run the RL update (algos/ranks.py). One rank runs in the driver process;
+    several are Ray actors in one torch.distributed group (NCCL on GPUs, gloo on CPUs) under
+    DeepSpeed data parallelism (runtime.zero_stage 0-3 partitions across them): each update's
+    episodes are split across the ranks, and the gradients are averaged."""
+
+    num_ranks: int = Field(1, ge=1, description="learner ranks (data-parallel); 1 = in the driver process")
+    gpus_per_rank: float = Field(0, ge=0, description="GPUs each rank's Ray actor reserves (several ranks)")
+    cpus_per_rank: float = Field(1, gt=0, description="CPUs each rank's Ray actor reserves (several ranks)")
+    threads_per_rank: int | None = Field(None, ge=1, description="torch threads per rank; None = cpus_per_rank")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each rank reserves (e.g. {learner_node: 1})")
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy of the ranks' reservation (PACK: as few nodes as "
+        "possible, for fast all-reduces)")
+
+
 def rl_sampling_error(rollout: RolloutConfig) -> str | None:
     """Why RL cannot learn from episodes sampled with these settings, or None. The learner scores
     softmax(logits / rollout.temperature), the distribution the engine sampled from; greedy play has
@@ -193,10 +213,14 @@ class Experiment(_Section):
     reward: RewardConfig = RewardConfig()
     rl: RLConfig | None = Field(None, description="the RL stage; absent = an SFT-only recipe")
     rollout: RolloutConfig = RolloutConfig()
+    learner: LearnerConfig = LearnerConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def _check_cross_section(self) -> Experiment:
+        if self.rl is not None and self.learner.num_ranks > self.rl.minibatch_size:
+            raise ValueError(f"learner.num_ranks={self.learner.num_ranks} exceeds rl.minibatch_size="
+                             f"{self.rl.minibatch_size}: every rank needs episodes of each mini-batch")
         if self.runtime.offload_optimizer and self.runtime.zero_stage == 0:
             raise ValueError("runtime.offload_optimizer needs runtime.zero_stage ≥ 1")
         if self.rl is not None and rl_sampling_error(self.rollout):

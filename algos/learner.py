@@ -33,13 +33,15 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from agents.model import MOE_KEYS
+from agents.model import MOE_KEYS, auxiliary_losses
 from agents.moe import RouterTap, expert_stats
-from algos.advantages import compute_advantages
+from algos.advantages import advantage_by_turn, compute_advantages, explained_variance, zero_variance_share
+from algos.checkpoint import load_learner_state, save_checkpoint
 from algos.config import Experiment, rl_sampling_error
 from algos.losses import (
     clipped_policy_loss,
@@ -52,7 +54,16 @@ from algos.losses import (
     token_logprobs,
     weighted_sum,
 )
-from algos.runtime import autocast, full_state_dict, init_deepspeed, param_dtype, resolve_device
+from algos.runtime import (
+    all_reduce_sum,
+    autocast,
+    dist_rank_world,
+    full_state_dict,
+    grad_norm,
+    init_deepspeed,
+    param_dtype,
+    resolve_device,
+)
 from rollout.engine import mask_logits
 from rollout.trajectory import Trajectory
 
@@ -169,6 +180,10 @@ class Learner:
                                               self.cfg.grad_clip if self.cfg.critic_grad_clip is None
                                               else self.cfg.critic_grad_clip)
         self.engines = [e for e in (self.engine, self.critic_engine) if e is not None]
+        # Data parallelism (learner.num_ranks > 1, algos/ranks.py): every rank holds the whole batch
+        # and computes the same advantages; each scores and trains on its share of the episodes
+        # (`_shard`), and DeepSpeed averages the gradients over the ranks at each step.
+        self.rank, self.world = dist_rank_world()
         # a mixture of experts' balance loss weight (the recipe's; the default if it names another arch)
         self.balance_coef = exp.model.balance_coef if exp.model.balance_coef is not None else MOE_KEYS["balance_coef"]
         # Skip the no-grad π_old pass when it cannot differ from the gradient pass (see the module
@@ -191,6 +206,17 @@ class Learner:
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 CPU copy of the policy weights (what rollout engines load)."""
         return full_state_dict(self.engine, torch.float32)
+
+    def save(self, run_dir: str | Path, step: int, tokenizer, state: dict, keep: int) -> Path:
+        """Checkpoint `step`: the policy's and the critic's engines, the policy folder, `state`."""
+        return save_checkpoint(run_dir, step, self.engine, tokenizer, state, keep, critic=self.critic_engine)
+
+    def load(self, ck: Path) -> dict:
+        """Restore the engines from checkpoint `ck`; returns the loop state saved beside them."""
+        return load_learner_state(ck, self.engine, self.critic_engine)
+
+    def shutdown(self) -> None:
+        """Nothing to release in-process (a LearnerGroup stops its ranks)."""
 
     # -- forwards -------------------------------------------------------------------------------
 
@@ -234,16 +260,35 @@ class Learner:
         old_logp = torch.zeros(e, t1)
         ref_logp = torch.zeros(e, t1) if self.reference is not None else None
         values = torch.zeros(e, t1) if self.critic_engine is not None else None
-        for rows in torch.arange(e).split(self.cfg.micro_batch_size):
+        mine, real = self._shard(torch.arange(e))
+        for rows, keep in zip(mine.split(self.cfg.micro_batch_size), real.split(self.cfg.micro_batch_size)):
             ids, am, t = self._rows(batch, rows)
             with autocast(self.exp.runtime.precision, self.device):
-                old_logp[rows, : t - 1] = token_logprobs(self._logits(self.engine.module, batch, rows, ids, am),
-                                                         ids[:, 1:]).cpu()
-                if values is not None:
-                    values[rows, : t - 1] = self._values(self.critic_engine.module, ids, am).cpu()
-            if ref_logp is not None:
-                ref_logp[rows, : t - 1] = self._ref_logp(batch, rows, ids, am).cpu()
+                logp = token_logprobs(self._logits(self.engine.module, batch, rows, ids, am), ids[:, 1:])
+                value = self._values(self.critic_engine.module, ids, am) if values is not None else None
+            ref = self._ref_logp(batch, rows, ids, am) if ref_logp is not None else None
+            # a padding row was scored only to keep the ranks in step: its numbers are dropped
+            rows, keep = rows[keep], keep.to(logp.device)
+            old_logp[rows, : t - 1] = logp[keep].cpu()
+            if value is not None:
+                values[rows, : t - 1] = value[keep].cpu()
+            if ref is not None:
+                ref_logp[rows, : t - 1] = ref[keep].cpu()
+        for t in (old_logp, ref_logp, values):  # each rank filled its own rows: the sum has them all
+            if t is not None:
+                all_reduce_sum(t)
         return old_logp, ref_logp, values
+
+    def _shard(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of `rows` (every world-th, from its rank) and a mask of the real ones:
+        shares are padded to one length with repeats of the first row (mask False), so that every
+        rank runs the same number of forwards and backwards (ZeRO's collectives need that)."""
+        if self.world == 1:
+            return rows, torch.ones(len(rows), dtype=torch.bool)
+        mine = rows[self.rank :: self.world]
+        pad = -(-len(rows) // self.world) - len(mine)
+        real = torch.cat([torch.ones(len(mine), dtype=torch.bool), torch.zeros(pad, dtype=torch.bool)])
+        return torch.cat([mine, rows[:1].repeat(pad)]), real
 
     # -- the update -----------------------------------------------------------------------------
 
@@ -289,6 +334,10 @@ class Learner:
                 steps += 1
         metrics = {k: v / steps for k, v in sums.items()}  # each step's numbers are mini-batch means
         on = batch.mask.bool()
+        metrics.update(advantage_by_turn(batch.advantages, batch.mask))
+        metrics["zero_var_groups"] = zero_variance_share(batch.rewards.sum(-1), batch.groups)
+        if batch.old_values is not None:
+            metrics["explained_variance"] = explained_variance(batch.old_values, batch.returns, batch.mask)
         metrics.update({
             "episodes": float(e),
             "adv_mean": float(batch.advantages[on].mean()) if on.any() else 0.0,
@@ -305,15 +354,27 @@ class Learner:
         """One optimizer step (per engine) on the episodes `minibatch`; returns its logged numbers,
         each the mini-batch's weighted mean."""
         weights = loss_weights(batch.mask[minibatch], self.cfg.loss_aggregation)  # sums to 1 over the mini-batch
-        micro = list(zip(minibatch.split(self.cfg.micro_batch_size), weights.split(self.cfg.micro_batch_size)))
+        mine, real = self._shard(torch.arange(len(minibatch)))
+        rows, weights = minibatch[mine], weights[mine] * real[:, None]  # a padding row weighs 0
+        micro = list(zip(rows.split(self.cfg.micro_batch_size), weights.split(self.cfg.micro_batch_size)))
         sums: dict[str, float] = {}
         for j, (rows, w) in enumerate(micro):
             for engine in self.engines:
                 engine.set_gradient_accumulation_boundary(j == len(micro) - 1)
             for k, v in self._micro_step(batch, rows, w, fast).items():
                 sums[k] = sums.get(k, 0.0) + v
+        norms = {name: grad_norm(engine) for name, engine in (("grad_norm", self.engine),
+                                                               ("critic_grad_norm", self.critic_engine))}
         for engine in self.engines:
             engine.step()
+        if self.world > 1:  # each rank logged its share of the mini-batch's weighted means
+            keys = sorted(sums)
+            total = all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+            sums = dict(zip(keys, total.tolist()))
+        for name, engine in (("grad_norm", self.engine), ("critic_grad_norm", self.critic_engine)):
+            norm = norms[name] if norms[name] is not None else (engine.get_global_grad_norm() if engine else None)
+            if norm is not None:  # the whole gradient's, before clipping
+                sums[name] = float(norm)
         return sums
 
     def _micro_step(self, batch: Batch, rows: torch.Tensor, weights: torch.Tensor, fast: bool) -> dict[str, float]:
@@ -349,10 +410,17 @@ class Learner:
             share = w.sum()  # this micro-batch's share of the mini-batch's loss weights
             loss = loss + share * balance[0]
             stats.update(expert_stats(share * balance[0], share * balance[1]))
-        self.engine.backward(loss, scale_wrt_gas=False)  # the weights already scale each micro-batch
+        aux, aux_stats = auxiliary_losses(self.engine, am)  # other backbones' own losses (mixture of depths)
+        if aux is not None:
+            share = w.sum()
+            loss = loss + share * aux
+            stats.update({k: share * v for k, v in aux_stats.items()})
+        # The weights already scale each micro-batch; DeepSpeed averages gradients over the ranks,
+        # and × world turns that mean back into the mini-batch's sum (the gradient one rank computes).
+        self.engine.backward(loss * self.world, scale_wrt_gas=False)
         if self.critic_engine is not None:
             v_loss = clipped_value_loss(self._values(self.critic_engine, ids, am), batch.old_values[sl].to(dev),
                                         batch.returns[sl].to(dev), w, cfg.value_clip)
-            self.critic_engine.backward(cfg.vf_coef * v_loss, scale_wrt_gas=False)
+            self.critic_engine.backward(cfg.vf_coef * v_loss * self.world, scale_wrt_gas=False)
             stats["value_loss"] = v_loss
         return {k: float(v.detach()) for k, v in stats.items()}

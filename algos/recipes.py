@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 import envs
 from agents.tokenizer import train_tokenizer
-from algos.checkpoint import latest_checkpoint, load_policy
+from algos.checkpoint import latest_checkpoint, load_policy, policy_folder
 from algos.config import Experiment, save_config
 from algos.data import heldout_tasks, prepare_data, read_jsonl
 from algos.evaluate import evaluate_episodes, evaluate_policy, print_summary, save_eval
@@ -33,9 +33,12 @@ def gen_data(exp: Experiment) -> Path:
 
 
 def build_tokenizer(exp: Experiment, demos: list[dict], run_dir: Path):
-    """The run's tokenizer: trained on its demonstrations once, then reloaded (resume, eval)."""
+    """The run's tokenizer: trained on its demonstrations once, then reloaded (resume, eval); the
+    start policy's own when sft.init_from names one (its embeddings index that vocabulary)."""
     from transformers import AutoTokenizer
 
+    if exp.sft.init_from:
+        return AutoTokenizer.from_pretrained(policy_folder(exp.sft.init_from))
     folder = run_dir / "tokenizer"
     if (folder / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(folder)

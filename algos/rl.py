@@ -9,24 +9,35 @@
 
 Everything random is seeded by (seed, iteration), so a run killed after iteration k and resumed
 from its checkpoint plays and learns exactly what the uninterrupted run would have.
+
+rollout.mode=async overlaps collect with update: iteration i+1..i+s (s = rollout.max_staleness)
+are submitted to the workers before the learner updates on iteration i, so they play with the
+weights of the updates made so far, and new weights are pushed without waiting (each worker loads
+them after the plays already queued on it). Every turn records the policy version that sampled it
+(`Trajectory.policy_versions`); an episode older than s updates is dropped and counted
+(`train/stale_dropped`), and the learner's truncated importance weights correct for the rest. A
+resumed async run is a valid run but not bit-identical to the uninterrupted one (its first
+iterations after the resume play newer weights).
 """
 from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 import envs
-from algos.checkpoint import latest_checkpoint, load_learner_state, load_policy, policy_folder, save_checkpoint
+from algos.checkpoint import latest_checkpoint, policy_folder
 from algos.config import Experiment, save_config
 from algos.data import heldout_tasks
 from algos.evaluate import env_eval_stats, episode_records, print_summary, save_eval, summarize
-from algos.learner import Learner
 from algos.metrics import MetricsLogger
+from algos.ranks import make_learner
 from algos.runtime import apply_threads, rng_state, seed_everything, set_rng_state
 from rollout.runner import episode_seed
+from rollout.trajectory import Trajectory
 from rollout.worker import RolloutPool, WorkerSpec
 
 
@@ -56,6 +67,13 @@ def sampled_success(pool: RolloutPool, tasks: list[dict], seed: int, samples: in
     return summarize(trajs, stats)["accuracy"]
 
 
+def drop_stale(trajs: list[Trajectory], version: int, max_staleness: int) -> tuple[list[Trajectory], int]:
+    """(the episodes whose every turn was sampled by a policy at most `max_staleness` updates older
+    than the learner's `version`, how many were dropped). Episodes with no turn are kept."""
+    fresh = [t for t in trajs if t.staleness_base is None or version - t.staleness_base <= max_staleness]
+    return fresh, len(trajs) - len(fresh)
+
+
 def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
              stop_after: int | None = None, before: dict | None = None) -> dict:
     """Run the RL stage of `exp` from the policy in `init_from`; returns the before/after evals.
@@ -71,12 +89,11 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
     save_config(exp, run_dir / "config.yaml")
 
     init = policy_folder(init_from)
-    model, tokenizer = load_policy(init)
-    learner = Learner(exp, model, tokenizer.pad_token_id)
+    learner, tokenizer = make_learner(exp, init)  # one rank in this process, or learner.num_ranks Ray actors
     start, state = 0, {}
     ck = latest_checkpoint(run_dir) if resume else None
     if ck is not None:
-        state = load_learner_state(ck, learner.engine, learner.critic_engine)
+        state = learner.load(ck)
         set_rng_state(state["rng"])
         start = state["iteration"]
         tqdm.write(f"resumed from {ck} at iteration {start}")
@@ -87,7 +104,7 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
     log = MetricsLogger(run_dir, resume_from=start if resume else None)
     try:
         if start > 0:
-            pool.update_weights(learner.policy_state_dict())
+            pool.update_weights(learner.policy_state_dict(), version=start)
         source = envs.make_tasks(exp.env.name, **exp.env_options())
         split, eval_tasks = heldout_tasks(exp, limit=exp.eval.num_tasks)  # the test split: before and after RL
         valid_tasks = heldout_tasks(exp, envs.VALID_SPLIT, limit=cfg.eval_tasks)[1] if cfg.eval_every else []
@@ -107,15 +124,30 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
         bar = tqdm(range(start, end), desc=f"rl/{cfg.algo}", initial=start, total=cfg.iterations,
                    dynamic_ncols=True)
         last = before
+
+        def submit(i: int):  # iteration i's episodes: its tasks and seeds depend on (seed, i) only
+            tasks = source.sample_tasks("train", cfg.tasks_per_iter, random.Random(episode_seed(exp.seed, "tasks", i)),
+                                        skip=exp.sft.demos.num_examples if cfg.skip_sft_tasks else 0)
+            return pool.submit(tasks, cfg.group_size, seed=episode_seed(exp.seed, "play", i))
+
+        # rollout.mode=async: up to max_staleness iterations are played ahead, with the weights of
+        # the updates made so far, while the learner updates on the oldest (which has waited longest)
+        ahead = max_staleness = exp.rollout.max_staleness if exp.rollout.mode == "async" else 0
+        in_flight: deque = deque()
         for it in bar:
             t0 = time.perf_counter()
-            tasks = source.sample_tasks("train", cfg.tasks_per_iter, random.Random(episode_seed(exp.seed, "tasks", it)),
-                                        skip=exp.sft.demos.num_examples if cfg.skip_sft_tasks else 0)
-            trajs, stats = pool.play(tasks, cfg.group_size, seed=episode_seed(exp.seed, "play", it))
+            if not in_flight:
+                in_flight.append(submit(it))
+            trajs, stats = pool.collect(in_flight.popleft())
             collect_s = time.perf_counter() - t0
+            while len(in_flight) < ahead and it + 1 + len(in_flight) < end:
+                in_flight.append(submit(it + 1 + len(in_flight)))
+            # the learner holds version `it` (its updates so far); older samples than the bound are dropped
+            trajs, stale = drop_stale(trajs, it, max_staleness)
             metrics = summarize(trajs, stats)
             metrics.update(learner.update(trajs, seed=episode_seed(exp.seed, it)))  # drops infra errors
-            metrics["sync_s"] = pool.update_weights(learner.policy_state_dict())
+            metrics["stale_dropped"] = float(stale)
+            metrics["sync_s"] = pool.update_weights(learner.policy_state_dict(), version=it + 1, wait=not ahead)
             metrics["collect_s"] = collect_s
             metrics["rollout_tokens_per_s"] = metrics["policy_tokens"] / max(collect_s, 1e-9)
             metrics["iteration_s"] = time.perf_counter() - t0
@@ -130,9 +162,8 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
                 log.log(done, last, prefix="valid/")
                 tqdm.write(f"iteration {done}: valid {held_out_line(last)}")
             if done % cfg.save_every == 0 or done == cfg.iterations:
-                save_checkpoint(run_dir, done, learner.engine, tokenizer,
-                                {"iteration": done, "rng": rng_state(), "before": before}, cfg.keep_checkpoints,
-                                critic=learner.critic_engine)
+                learner.save(run_dir, done, tokenizer, {"iteration": done, "rng": rng_state(), "before": before},
+                             cfg.keep_checkpoints)
         bar.close()
         if end < cfg.iterations:
             return {"before": before, "stopped_at": end}
@@ -148,3 +179,4 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
     finally:
         log.close()
         pool.shutdown()
+        learner.shutdown()

@@ -98,6 +98,47 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def dist_rank_world() -> tuple[int, int]:
+    """(this process's rank, the world size) of the torch.distributed group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over the ranks (itself in a world of one), on t's device. NCCL reduces only CUDA
+    tensors, so on GPUs a CPU tensor makes the trip through the GPU."""
+    import torch.distributed as dist
+
+    if dist_rank_world()[1] == 1:
+        return t
+    if dist.get_backend() == "nccl" and t.device.type != "cuda":
+        out = t.cuda()
+        dist.all_reduce(out)
+        return out.to(t.device)
+    dist.all_reduce(t)
+    return t
+
+
+def grad_norm(engine) -> float | None:
+    """The 2-norm of `engine`'s whole gradient at the accumulation boundary, before its step; None
+    under ZeRO ≥ 1, whose partitioned optimizer computes it in the step (get_global_grad_norm()).
+    Without ZeRO every rank holds the all-reduced gradient, so the local norm is the global one."""
+    if engine is None or engine.zero_optimization_stage() > 0:
+        return None
+    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist_rank_world()[1] > 1:
+        dist.barrier()
+
+
 def ensure_process_group_env() -> None:
     """A plain `python launch.py ...` is a world of one: give torch.distributed what a launcher would.
 
@@ -118,6 +159,9 @@ def deepspeed_config(cfg: RuntimeConfig, micro_batch: int, grad_accum: int, grad
         "zero_optimization": {"stage": cfg.zero_stage},
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
+        # ZeRO accepts only the optimizers DeepSpeed has tested (its own, torch's Adam/AdamW) unless
+        # told otherwise; the learners take any torch optimizer (the tests pass SGD)
+        "zero_allow_untested_optimizer": True,
     }
     if cfg.precision == "bf16":
         ds["bf16"] = {"enabled": True}
@@ -140,9 +184,10 @@ def init_deepspeed(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sch
     import deepspeed  # imported late: it is slow to import and prints on import
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    if int(os.environ["WORLD_SIZE"]) == 1:
-        # The shared-memory all-reduce op only helps several CPU ranks, and building it is a ~1 min
-        # native compile on first use: a world of one skips it.
+    if not torch.cuda.is_available():
+        # DeepSpeed's shared-memory all-reduce op for CPU ranks costs a ~1 min native compile on
+        # first use (FACTS.md) and only speeds up ranks on one node; gloo's all-reduce does the same
+        # job, so it is skipped (a world of one never all-reduces at all).
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from agents.model import build_model
+from agents.model import auxiliary_losses, build_model
 from agents.moe import RouterTap, expert_stats, parameter_counts
-from algos.checkpoint import latest_checkpoint, load_learner_state, save_checkpoint
+from algos.checkpoint import latest_checkpoint, load_learner_state, load_policy, save_checkpoint
 from algos.config import Experiment
 from algos.metrics import MetricsLogger
 from algos.runtime import init_deepspeed, param_dtype, resolve_device, rng_state, set_rng_state
@@ -79,15 +79,22 @@ def collate(examples: list[Example], pad_id: int, device) -> dict[str, torch.Ten
 
 
 def sft_loss(engine, batch: dict[str, torch.Tensor], balance_coef: float) -> tuple[torch.Tensor, dict]:
-    """One micro-batch's loss: the masked next-token loss, plus a mixture of experts' balance loss
-    over its real tokens. Returns (loss, routing stats: the balance loss and per-expert load, {}
-    for a dense model)."""
+    """One micro-batch's loss: the masked next-token loss, plus the backbone's auxiliary losses over
+    its real tokens (a mixture of experts' balance loss, a mixture of depths' capacity
+    regulariser). Returns (loss, their stats: e.g. the balance loss and per-expert load; {} for a
+    dense model). Every stat whose name ends in `_loss` is part of the returned loss."""
     with RouterTap(engine) as tap:
         loss = engine(**batch).loss
+    stats = {}
     balance = tap.balance_loss(batch["attention_mask"], balance_coef)
-    if balance is None:
-        return loss, {}
-    return loss + balance[0], expert_stats(*balance)
+    if balance is not None:
+        loss = loss + balance[0]
+        stats.update(expert_stats(*balance))
+    aux, aux_stats = auxiliary_losses(engine, batch["attention_mask"])
+    if aux is not None:
+        loss = loss + aux
+        stats.update(aux_stats)
+    return loss, stats
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -104,15 +111,18 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 
 def train_sft(exp: Experiment, examples: list[Example], tokenizer, run_dir: str | Path,
               resume: bool = False, evaluate=None, progress: bool = True) -> Path:
-    """Train a fresh policy on `examples`; return the final checkpoint folder.
+    """Train a fresh policy (or the one in sft.init_from) on `examples`; return the final checkpoint folder.
 
     `evaluate(model, step) -> dict` (optional) runs every `sft.eval_every` steps.
     """
     cfg, run_dir = exp.sft, Path(run_dir)
     device = resolve_device(exp.runtime)
     torch.manual_seed(exp.seed)
-    model = build_model(exp.model, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
-                        tokenizer.eos_token_id)
+    if cfg.init_from:  # e.g. a converted policy (launch.py convert); `tokenizer` is its own (recipes.build_tokenizer)
+        model = load_policy(cfg.init_from)[0]
+    else:
+        model = build_model(exp.model, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
+                            tokenizer.eos_token_id)
     model = model.to(device=device, dtype=param_dtype(exp.runtime.precision))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
@@ -146,7 +156,8 @@ def train_sft(exp: Experiment, examples: list[Example], tokenizer, run_dir: str 
             loss, stats = sft_loss(engine, batch, exp.model.balance_coef or 0.0)
             engine.backward(loss)
             engine.step()
-            loss_sum += (loss.item() - float(stats.get("balance_loss", 0.0))) / cfg.grad_accum  # the LM loss
+            aux = sum(float(v) for k, v in stats.items() if k.endswith("_loss"))  # what sft_loss added
+            loss_sum += (loss.item() - aux) / cfg.grad_accum  # the LM loss
             for k, v in stats.items():
                 routing[k] = routing.get(k, 0.0) + float(v) / cfg.grad_accum
             tokens += int(batch["attention_mask"].sum())

@@ -12,7 +12,7 @@ each turn prefills only its new tokens. docs/rollout.md has the details and meas
 
 Where the parts live:
     rollout/engine.py     this file: the interface, sampling, `TorchEngine` (batching, sessions, decode loop)
-    rollout/decoder.py    the backbone's cached forward (`decoder_for(model)`; the model's own forward otherwise)
+    rollout/decoders/    the backbone's cached forward (`decoder_for(model)`; the model's own forward otherwise)
     rollout/kernels.py    the attention kernels and the oneDNN probe that forward uses
     rollout/kv_cache.py   the KV cache buffers
 """
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from rollout.decoder import RoutingTrace, decoder_for
+from rollout.decoders import RoutingTrace, decoder_for
 from rollout.kv_cache import GrowingCache, RowsView, kv_shape
 
 
@@ -57,7 +57,7 @@ class Completion:
     # constrained decoding: per token, the token ids that were allowed at its step (None = free);
     # the learner needs them to compute the same masked distribution.
     allowed: list[list[int] | None] | None = None
-    # a mixture-of-experts decoder's routing (rollout/decoder.py), for routing replay: the experts
+    # a mixture-of-experts decoder's routing (rollout/decoders/), for routing replay: the experts
     # [tokens, layers, k] of every token this call ran, i.e. the prompt from index `routed_from` on
     # (the tokens before it came from the session's KV) and then each completion token but the last
     routed_experts: torch.Tensor | None = None
@@ -256,7 +256,7 @@ class TorchEngine(InferenceEngine):
     `update_weights` (their KV was computed by the old weights). `stats` counts prompt tokens run
     (`prefill_tokens`), served from sessions (`reused_tokens`) and generated.
 
-    `fast_forward`: run the model through its cached forward in rollout/decoder.py when there is
+    `fast_forward`: run the model through its cached forward in rollout/decoders/ when there is
     one (Llama, Qwen2-MoE: same math, fewer ops, oneDNN matmuls on CPU); other models always use
     their own forward. A mixture-of-experts decoder also reports the experts it routed each token
     to (`Completion.routed_experts`, for the learner's routing replay). `compact_fraction`: cut
@@ -279,7 +279,7 @@ class TorchEngine(InferenceEngine):
         compile_attention: bool | None = None,
     ):
         self.model = model.to(device=device, dtype=dtype).eval()
-        # The backbone's lean cached forward (rollout/decoder.py), or None: the model's own forward.
+        # The backbone's lean cached forward (rollout/decoders/), or None: the model's own forward.
         # `compile_attention`: decode attention through a kernel compiled here (None = CPU in 16-bit
         # precision, when the probe compiles and agrees with SDPA; see rollout/kernels.py).
         self._decoder = decoder_for(self.model, compile_attention) if fast_forward else None

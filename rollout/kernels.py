@@ -1,4 +1,4 @@
-"""The low-level ops a decoder forward (rollout/decoder.py) is built from, each with a probe that
+"""The low-level ops a decoder forward (rollout/decoders/) is built from, each with a probe that
 says whether it works on this machine.
 
 * attention: torch's SDPA (`sdpa`), and for decode steps (one query per row) the same math as

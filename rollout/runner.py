@@ -42,11 +42,27 @@ class RolloutConfig(BaseModel):
         "auto", description="engine weights and KV cache; auto = bfloat16 on cuda, float32 on cpu (the learner "
         "corrects the sampling/learner log-prob gap with truncated importance sampling)")
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads in a worker; None = its CPUs")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each worker reserves besides its CPUs/GPUs (e.g. "
+        "{rollout_node: 1}: workers go only to nodes started with that resource)")
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "SPREAD", description="Ray placement-group strategy of the workers' reservation")
+    replace_timeout_s: float = Field(
+        120.0, gt=0, description="a dead worker's replacement that cannot be placed within this long (its node "
+        "is gone and no other can host it) turns that worker's episodes into infra errors; the pool goes on "
+        "without it")
     max_turn_tokens: int = Field(64, ge=1, description="new tokens per turn; a longer turn is cut")
     max_episode_tokens: int | None = Field(None, ge=8, description="conversation budget; None = model.max_seq_len")
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     env_timeout_s: float = Field(30.0, gt=0, description="an env step or reset slower than this is an infra error")
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="sync: each iteration plays with the newest weights, then the learner updates; async: "
+        "the workers play the next iterations' episodes while the learner updates (with weights up to "
+        "max_staleness updates old; the TIS weights correct for it)")
+    max_staleness: int = Field(
+        1, ge=1, description="rollout.mode=async: iterations played ahead of the learner, and the oldest policy "
+        "(in updates behind the learner's) whose episodes may train it; older ones are dropped and counted")
     max_batch_size: int = Field(256, ge=1, description="sequences per engine forward")
     constrain_actions: bool = Field(
         False, description="decode only the actions the env lists (info['admissible_actions'], e.g. TextWorld's "
@@ -54,6 +70,9 @@ class RolloutConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> RolloutConfig:
+        if self.mode == "async" and self.num_workers == 0:
+            raise ValueError("rollout.mode=async needs rollout.num_workers ≥ 1: workers in their own processes play "
+                             "while the learner updates")
         if self.constrain_actions and self.backend != "torch":
             raise ValueError("rollout.constrain_actions needs rollout.backend=torch (the vLLM engine decodes freely)")
         if self.device == "cuda" and self.num_workers > 0 and self.gpus_per_worker == 0:
@@ -106,6 +125,7 @@ class EpisodeRunner:
             raise ValueError(f"rollout.constrain_actions: the {type(fmt).__name__} format has no list of actions "
                              "to choose from (only text games that report admissible commands do)")
         self.envs: list[Any] = []
+        self.policy_version = 0  # the learner updates in the engine's weights (set by whoever loads them)
         self._pool = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="env")
         self._sessions = 0
 
@@ -233,6 +253,7 @@ class EpisodeRunner:
                 tr.routing.append((comp.routed_from, comp.routed_experts))
             tr.append(ids, policy=True, logprobs=logps, allowed=comp.allowed and comp.allowed[: ep.room])
             tr.turns += 1
+            tr.policy_versions.append(self.policy_version)
             stats.turns += 1
             stats.policy_tokens += len(ids)
             if len(ids) < len(comp.token_ids):  # cut by the episode budget: no action is taken

@@ -37,6 +37,14 @@ class Trajectory:
     truncated: str | None = None
     cut_turns: int = 0  # turns that hit the per-turn token limit (their cut text was still played)
     infra_error: str | None = None  # the env raised or hung: dropped from the update
+    # the policy version (learner updates applied) whose weights sampled each turn: rollout.mode=async
+    # plays with weights one or more updates behind the learner's (rollout.max_staleness)
+    policy_versions: list[int] = field(default_factory=list)
+
+    @property
+    def staleness_base(self) -> int | None:
+        """The oldest policy version any of its turns was sampled with (None before any turn)."""
+        return min(self.policy_versions) if self.policy_versions else None
 
     @property
     def episode_return(self) -> float:

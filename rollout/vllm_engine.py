@@ -79,9 +79,12 @@ class VLLMEngine(InferenceEngine):
         seed: int = 0,
         enable_prefix_caching: bool = True,
         kv_cache_bytes: int = 1024**3,
+        max_batch_size: int | None = None,
         **llm_kwargs: Any,
     ):
         vllm = _import_vllm()
+        if max_batch_size is not None:  # rollout.max_batch_size: the sequences one engine step runs
+            llm_kwargs.setdefault("max_num_seqs", max_batch_size)
         from vllm.platforms import current_platform
 
         have = "cpu" if current_platform.is_cpu() else "cuda" if current_platform.is_cuda_alike() else None

@@ -34,6 +34,9 @@ class RayConfig(BaseModel):
     address: str | None = Field(None, description="'auto' or 'host:port' of a running cluster; None = local")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local cluster; None = all")
     namespace: str = "turnstile"
+    placement_timeout_s: float = Field(
+        300.0, gt=0, description="how long to wait for the cluster to reserve the rollout workers' and learner "
+        "ranks' resources before failing with what was asked and what the cluster has")
 
 
 @dataclass(frozen=True)
@@ -87,13 +90,20 @@ class RolloutWorker:
         trajs, stats = self.runner.play(tasks, group_size, seed, temperature, first_group)
         return trajs, stats.as_dict()
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> float:
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int | None = None) -> float:
         t0 = time.perf_counter()
         self.runner.engine.update_weights(state_dict)
+        if version is not None:
+            self.runner.policy_version = version
         return time.perf_counter() - t0
 
     def ping(self) -> int:
         return os.getpid()
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -111,84 +121,225 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(num_cpus=cfg.num_cpus, namespace=cfg.namespace, include_dashboard=False, log_to_driver=False)
 
 
+def reserve(bundles: list[dict[str, float]], strategy: str, what: str, timeout_s: float):
+    """A Ray placement group holding `bundles` (one per actor), ready; or a RuntimeError naming what
+    could not be placed and what the cluster has. All-or-nothing: a job never starts half-placed."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundles = [{k: v for k, v in b.items() if v} for b in bundles]  # Ray refuses zero-sized entries
+    pg = placement_group(bundles, strategy=strategy)
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise RuntimeError(
+            f"the Ray cluster could not place {len(bundles)} {what} ({bundles[0]} each, strategy {strategy}) within "
+            f"{timeout_s:.0f} s; it has {_schedulable(ray.cluster_resources())} in all, "
+            f"{_schedulable(ray.available_resources())} free. Check the "
+            "cpus/gpus per actor and the custom resources the recipe asks for") from None
+    return pg
+
+
+def _schedulable(resources: dict[str, float]) -> dict[str, float]:
+    """A cluster's resources without Ray's per-node and memory entries (what a recipe can ask for)."""
+    return {k: v for k, v in sorted(resources.items()) if not k.startswith("node:") and "memory" not in k}
+
+
+def in_bundle(pg, index: int) -> dict:
+    """Ray actor options that put an actor in bundle `index` of placement group `pg`."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)}
+
+
+class _Unplaced(Exception):
+    """A dead worker's replacement that could not be placed in time (`actor`: the pending one)."""
+
+    def __init__(self, actor):
+        super().__init__("replacement not placed")
+        self.actor = actor
+
+
+@dataclass
+class Played:
+    """A submitted play: per worker (actor, its tasks, its first group, the pending result), or the
+    in-process worker's finished result."""
+
+    calls: list
+    local: tuple | None
+    group_size: int
+    seed: int
+    temperature: float | None
+
+
 class RolloutPool:
-    """N rollout workers behind one call; tasks are split into contiguous chunks, groups intact."""
+    """N rollout workers behind one call; tasks are split into contiguous chunks, groups intact.
+
+    On a Ray cluster the workers are reserved together in one placement group (`rollout.placement`,
+    each bundle the worker's CPUs, GPUs and `rollout.resources`). A worker that dies (its process,
+    or its node) is replaced in its bundle, which Ray moves to a live node when one can host it,
+    and its share is replayed; when no replacement can be placed within `rollout.replace_timeout_s`
+    its episodes become infra errors (dropped from the update, counted) and the pool goes on with
+    the workers it has.
+    """
 
     def __init__(self, spec: WorkerSpec, cfg: RolloutConfig, ray_cfg: RayConfig | None = None):
         self.cfg = cfg
         threads = cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker))
+        self.version = 0  # the policy version of the weights last pushed
         if cfg.num_workers == 0:
             self.local: RolloutWorker | None = RolloutWorker(spec, cfg, threads=cfg.threads_per_worker)
             self.actors: list = []
             return
         import ray
 
-        init_ray(ray_cfg or RayConfig())
-        actor_cls = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(RolloutWorker)
+        ray_cfg = ray_cfg or RayConfig()
+        init_ray(ray_cfg)
+        bundle = {"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker, **cfg.resources}
+        self.placement = reserve([bundle] * cfg.num_workers, cfg.placement, "rollout workers",
+                                 ray_cfg.placement_timeout_s)
+        actor_cls = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
+                               resources=cfg.resources or None)(RolloutWorker)
         self.local = None
-        self._new_actor = lambda: actor_cls.remote(spec, cfg, threads)
+        # worker j lives in bundle j of the reservation (a replacement takes its place there)
+        self._new_actor = lambda j: actor_cls.options(**in_bundle(self.placement, j)).remote(spec, cfg, threads)
         self._weights_ref = None  # the last weights pushed: a replacement actor loads them
         self.restarts = 0
-        self.actors = [self._new_actor() for _ in range(cfg.num_workers)]
+        self.lost = 0  # workers dropped because no replacement could be placed
+        self.actors = [self._new_actor(j) for j in range(cfg.num_workers)]
+        self.bundles = list(range(cfg.num_workers))  # each live actor's bundle
         ray.get([a.ping.remote() for a in self.actors])  # surface construction errors here
 
     def play(self, tasks: Sequence[dict], group_size: int, seed: int,
              temperature: float | None = None) -> tuple[list[Trajectory], dict[str, float]]:
-        if self.local is not None:
-            return self.local.play(tasks, group_size, seed, temperature)
-        import ray
+        """Play `group_size` episodes of each task on the workers; returns them in task order."""
+        return self.collect(self.submit(tasks, group_size, seed, temperature))
 
+    def submit(self, tasks: Sequence[dict], group_size: int, seed: int, temperature: float | None = None) -> Played:
+        """Start playing (returns at once; `collect` waits for the episodes). Calls reach each
+        worker in order, so a play submitted before `update_weights` plays the older weights."""
+        if self.local is not None:
+            return Played([], self.local.play(tasks, group_size, seed, temperature), group_size, seed, temperature)
         k = len(self.actors)
         bounds = [round(j * len(tasks) / k) for j in range(k + 1)]
         # Each share keeps its global group ids and seeds (first_group): one worker plays exactly
         # what the in-process runner would.
-        calls = [(j, a.play.remote(list(tasks[bounds[j]:bounds[j + 1]]), group_size, seed, temperature, bounds[j]))
-                 for j, a in enumerate(self.actors) if bounds[j + 1] > bounds[j]]
+        shares = [(a, list(tasks[bounds[j]:bounds[j + 1]]), bounds[j]) for j, a in enumerate(self.actors)
+                  if bounds[j + 1] > bounds[j]]
+        calls = [(a, share, first, a.play.remote(share, group_size, seed, temperature, first))
+                 for a, share, first in shares]
+        return Played(calls, None, group_size, seed, temperature)
+
+    def collect(self, played: Played) -> tuple[list[Trajectory], dict[str, float]]:
+        """The episodes of a `submit`, in task order, once every worker has played its share."""
+        if played.local is not None:
+            return played.local
+        import ray
+
         trajs: list[Trajectory] = []
         stats: dict[str, float] = {}
-        for j, ref in calls:
+        lost: list = []
+        for actor, share, first, ref in played.calls:
             try:
                 part, part_stats = ray.get(ref)
             except ray.exceptions.ActorDiedError as e:
-                # A worker process died (an env's native code can take it down). Replace it, give
-                # it the current weights and replay its share once; a second death is an error.
-                part, part_stats = self._replay_on_new_actor(j, e, list(tasks[bounds[j]:bounds[j + 1]]),
-                                                             group_size, seed, temperature, bounds[j])
+                # A worker process died (an env's native code can take it down, or its node went).
+                # Replace it, give it the current weights and replay its share once; a second death
+                # is an error, and a replacement that cannot be placed loses the share.
+                try:
+                    part, part_stats = self._replay(actor, e, share, played, first)
+                except _Unplaced as unplaced:
+                    part, part_stats = lost_episodes(share, played.group_size, first, self.cfg.replace_timeout_s), {}
+                    lost.append(unplaced.actor)
             trajs += part
             for key, v in part_stats.items():
                 # Phases run in parallel across workers: time is the slowest worker's, counts add up.
                 stats[key] = max(stats.get(key, 0.0), v) if key.endswith("_s") else stats.get(key, 0) + v
+        if lost:
+            self._drop(lost)
         return trajs, stats
 
-    def _replay_on_new_actor(self, j: int, err: Exception, tasks: list[dict], group_size: int, seed: int,
-                             temperature: float | None, first_group: int):
+    def _replay(self, dead, err: Exception, tasks: list[dict], played: Played, first_group: int):
+        """Replay a dead worker's share on its replacement (made here, in its bundle, unless an
+        earlier collect already replaced it; then on a live worker, which has the current weights)."""
         import ray
 
-        warnings.warn(f"rollout worker {j} died ({str(err).splitlines()[0][:200]}); replacing it and "
-                      f"replaying its {len(tasks)} tasks", RuntimeWarning, stacklevel=3)
-        self.restarts += 1
-        self.actors[j] = actor = self._new_actor()
-        if self._weights_ref is not None:
-            ray.get(actor.update_weights.remote(self._weights_ref))
-        return ray.get(actor.play.remote(tasks, group_size, seed, temperature, first_group))
+        if dead not in self.actors:
+            if not self.actors:
+                raise RuntimeError("every rollout worker was lost and none could be replaced")
+            actor = self.actors[0]
+        else:
+            j = self.actors.index(dead)
+            warnings.warn(f"rollout worker {j} died ({str(err).splitlines()[0][:200]}); replacing it and "
+                          f"replaying its {len(tasks)} tasks", RuntimeWarning, stacklevel=3)
+            self.restarts += 1
+            self.actors[j] = actor = self._new_actor(self.bundles[j])
+            # the replacement must come up within the timeout (ping); once up, its replay takes as long as it takes
+            try:
+                ray.get(actor.ping.remote(), timeout=self.cfg.replace_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise _Unplaced(actor) from None
+            if self._weights_ref is not None:
+                ray.get(actor.update_weights.remote(self._weights_ref, self.version))
+        return ray.get(actor.play.remote(tasks, played.group_size, played.seed, played.temperature, first_group))
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> float:
-        """Push new policy weights to every worker; returns the wall seconds it took."""
+    def _drop(self, lost: list) -> None:
+        """Go on without the workers whose replacement could not be placed."""
+        import ray
+
+        gone = [j for j, a in enumerate(self.actors) if a in lost]
+        warnings.warn(f"rollout workers {gone} could not be replaced within {self.cfg.replace_timeout_s:.0f} s; "
+                      f"their episodes are infra errors and the pool goes on with {len(self.actors) - len(gone)} "
+                      "workers", RuntimeWarning, stacklevel=3)
+        for j in sorted(gone, reverse=True):
+            ray.kill(self.actors[j])  # the pending replacement: it would take a bundle when one frees up
+            del self.actors[j], self.bundles[j]
+        self.lost += len(gone)
+        if not self.actors:
+            raise RuntimeError("every rollout worker was lost and none could be replaced: the cluster has no "
+                               f"node that can host one ({ray.available_resources()} free)")
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int | None = None,
+                       wait: bool = True) -> float:
+        """Push new policy weights (policy `version`: the learner updates they hold) to every worker;
+        returns the wall seconds it took. `wait=False` returns once the weights are in the object
+        store: each worker loads them after the plays already submitted to it (rollout.mode=async)."""
         t0 = time.perf_counter()
+        if version is not None:
+            self.version = version
         if self.local is not None:
-            self.local.update_weights(state_dict)
+            self.local.update_weights(state_dict, self.version)
         else:
             import ray
 
             self._weights_ref = ray.put(dict(state_dict))  # one copy in the object store, read by every actor
-            ray.get([a.update_weights.remote(self._weights_ref) for a in self.actors])
+            loads = [a.update_weights.remote(self._weights_ref, self.version) for a in self.actors]
+            if wait:
+                ray.get(loads)
         return time.perf_counter() - t0
+
+    def node_ids(self) -> list[str]:
+        """The Ray node each live worker runs on."""
+        import ray
+
+        return ray.get([a.node_id.remote() for a in self.actors])
 
     def shutdown(self) -> None:
         if self.local is not None:
             self.local.runner.close()
-        for a in self.actors:
-            import ray
+            return
+        import ray
+        from ray.util.placement_group import remove_placement_group
 
+        for a in self.actors:
             ray.kill(a)
         self.actors = []
+        remove_placement_group(self.placement)
+
+
+def lost_episodes(tasks: Sequence[dict], group_size: int, first_group: int, timeout_s: float) -> list[Trajectory]:
+    """The episodes of a share whose worker was lost: infra errors, with the groups they would have had."""
+    why = f"the rollout worker was lost and no replacement could be placed within {timeout_s:.0f} s"
+    return [Trajectory(task=task, group=first_group + k, infra_error=why)
+            for k, task in enumerate(tasks) for _ in range(group_size)]

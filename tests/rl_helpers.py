@@ -61,7 +61,13 @@ class ToyEnv(TextEnv):
         return obs, reward, done, False, make_info(won, {"good": float(ok)})
 
 
-envs.register("toy_two_turn", ToyEnv, ToyConfig, ToyTasks, format=SearchLineFormat())
+def register_toy_env() -> None:
+    """Registers the toy env (on import here; Ray workers of the async tests call it as their setup hook)."""
+    if "toy_two_turn" not in envs.list_envs():
+        envs.register("toy_two_turn", ToyEnv, ToyConfig, ToyTasks, format=SearchLineFormat())
+
+
+register_toy_env()
 
 _TOKENIZER = None
 

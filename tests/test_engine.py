@@ -313,7 +313,7 @@ def test_greedy_choice_is_the_models_own_best_path(model):
         assert all(a >= b - 1e-6 for a, b in zip(c.logprobs, f.logprobs)) and c.logprobs[1:] == pytest.approx([0.0] * 4)
 
 
-# -- the decoder forward (rollout/decoder.py) on its own ------------------------------------------
+# -- the decoder forward (rollout/decoders/) on its own ------------------------------------------
 
 
 @pytest.mark.parametrize("matmuls", ["onednn", "linear"])
@@ -321,7 +321,7 @@ def test_greedy_choice_is_the_models_own_best_path(model):
 def test_decoder_forward_equals_the_models_own_with_and_without_a_cache(kv_heads, matmuls):
     """The cached forward `decoder_for` picks gives the model's own last-position logits for a
     whole prompt, for a prompt whose prefix is already cached, and for one-token decode steps."""
-    from rollout.decoder import LlamaDecoder, decoder_for
+    from rollout.decoders import LlamaDecoder, decoder_for
     from rollout.kv_cache import GrowingCache
 
     torch.manual_seed(5)
@@ -356,7 +356,7 @@ def test_decoder_forward_equals_the_models_own_with_and_without_a_cache(kv_heads
 def test_models_without_a_decoder_run_through_their_own_forward(model):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rollout.decoder import decoder_for
+    from rollout.decoders import decoder_for
 
     torch.manual_seed(7)  # a Llama with GELU, which the lean forward does not implement
     other = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

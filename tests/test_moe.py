@@ -15,7 +15,7 @@ from agents.moe import RouterTap, balance_loss, checkpoint_state_dict, parameter
 from algos.config import ConfigError, RuntimeConfig, load_config
 from algos.learner import Learner
 from algos.losses import clipped_policy_loss, loss_weights, token_logprobs
-from rollout.decoder import MoeDecoder
+from rollout.decoders import MoeDecoder
 from rollout.engine import SamplingParams, TorchEngine
 
 VOCAB = 300
@@ -48,7 +48,7 @@ def test_moe_keys_defaults_and_named_errors(tiny_recipe):
     assert load_config(tiny_recipe).model.num_experts is None  # a llama section leaves them unset
     with pytest.raises(ConfigError, match=r"model.top_k=5 exceeds model.num_experts=4"):
         load_config(tiny_recipe, ["model.arch=moe", "+model.num_experts=4", "+model.top_k=5"])
-    with pytest.raises(ConfigError, match=r"model.num_experts applies to model.arch=moe only"):
+    with pytest.raises(ConfigError, match=r"model.num_experts applies to model.arch=moe/factor only"):
         load_config(tiny_recipe, ["+model.num_experts=4"])
     with pytest.raises(ConfigError, match=r"model.intermediate_size is the dense MLP's width"):
         load_config(tiny_recipe, ["model.arch=moe", "model.intermediate_size=512"])

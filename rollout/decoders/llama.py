@@ -1,13 +1,11 @@
-"""A backbone's cached inference forward: what the embedded engine (rollout/engine.py) runs.
+"""The dense backbone's cached inference forward (`LlamaDecoder`) and what every backbone's
+forward shares: the `Decoder` protocol and `LayerWeights`.
 
-`decoder_for(model)` picks the forward for a model: the first class in `DECODERS` whose
-`supports(model)` is true, or None, and the engine then runs the model's own (transformers)
-forward, which is slower but works for any causal LM. A decoder computes the same logits as the
-model in fewer tensor ops: small policies are bound by per-op overhead, so the forward is most
-of a decode step (tests/test_engine.py checks it against the model's own forward).
-
-A new backbone's forward (a mixture of experts, mixture of depths, ...) is one more class here
-with the same four members, appended to `DECODERS`:
+A decoder computes the same logits as the model in fewer tensor ops: small policies are bound by
+per-op overhead, so the forward is most of a decode step (tests/test_engine.py checks it against
+the model's own forward). A new backbone's forward (mixture of depths, routed attention, ...) is
+one more file in rollout/decoders/ with a class of the same four members, appended to
+`DECODERS` in rollout/decoders/__init__.py:
 
     supports(model) -> bool              # static: this class can run `model`
     __init__(model, compile_attention)   # keeps the model; weights are read by refresh()
@@ -20,7 +18,7 @@ H query heads, KV key/value heads, D head dim, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -230,176 +228,3 @@ class LlamaDecoder:
 def _stack(*tensors: torch.Tensor | None) -> torch.Tensor | None:
     """Weights (or biases) of projections that read the same input, stacked on the output dim."""
     return None if tensors[0] is None else torch.cat(tensors)
-
-
-@dataclass
-class MoeLayerWeights(LayerWeights):
-    """A Qwen2-MoE layer: attention as in Llama; the MLP fields hold the shared expert, and these
-    the router and the routed experts (docs/backbones.md). E experts, F routed expert width."""
-
-    router: torch.Tensor  # [E, C]
-    shared_gate: torch.Tensor  # [1, C]: sigmoid(shared_gate · h) scales the shared expert
-    expert_gate_up: torch.Tensor  # [E, 2 F, C]: each expert's gate and up stacked
-    expert_down: torch.Tensor  # [E, C, F]
-
-
-class MoeDecoder(LlamaDecoder):
-    """The cached forward of Qwen2-MoE models (`model.arch: moe`, agents/moe.py): Llama's
-    attention (with q/k/v biases) and, per layer,
-
-        y = x + Σ_{i ∈ top-k(p)} p_i · E_i(h) + sigmoid(w_s · h) · E_shared(h),   p = softmax(W_g h)
-
-    the math of transformers' Qwen2-MoE (the gate's softmax in fp32, the same top-k;
-    tests/test_moe.py checks tokens and log-probs against it). The shared expert runs through the
-    dense SwiGLU path (oneDNN on CPU); each routed expert runs once on the rows that chose it, all
-    of them in one grouped matmul where torch has one (`F.grouped_mm`; else a matmul pair per
-    expert). Running every expert on every row instead costs more than the ops it saves here.
-    Every call keeps the experts it chose (`routed_experts()`): the engine hands them to the
-    trajectory for routing replay.
-    """
-
-    records_routing = True
-
-    def __init__(self, model: PreTrainedModel, compile_attention: bool | None = None):
-        super().__init__(model, compile_attention)
-        self.top_k, self.norm_topk_prob = model.config.num_experts_per_tok, model.config.norm_topk_prob
-        p = next(model.parameters())
-        self.grouped_mm = grouped_mm_works(p.dtype, p.device)  # else one matmul pair per expert
-        self._routed: list[torch.Tensor] = []  # this call's chosen experts, per layer [n t, k]
-        self._rows = (0, 0)  # this call's (n, t)
-
-    @staticmethod
-    def supports(model: PreTrainedModel) -> bool:
-        cfg = getattr(model, "config", None)
-        return (
-            getattr(cfg, "model_type", None) == "qwen2_moe"
-            and getattr(cfg, "hidden_act", None) == "silu"
-            and getattr(cfg, "decoder_sparse_step", None) == 1 and not getattr(cfg, "mlp_only_layers", None)
-            and not getattr(cfg, "use_sliding_window", False)
-            and getattr(cfg, "shared_expert_intermediate_size", 0) > 0
-            and hasattr(model, "model") and hasattr(model, "lm_head")
-        )
-
-    def _layer_weights(self, layer) -> MoeLayerWeights:
-        moe = layer.mlp
-        dense = super()._layer_weights(layer, moe.shared_expert)
-        return MoeLayerWeights(
-            **{f.name: getattr(dense, f.name) for f in fields(LayerWeights)},
-            router=moe.gate.weight, shared_gate=moe.shared_expert_gate.weight,
-            expert_gate_up=moe.experts.gate_up_proj, expert_down=moe.experts.down_proj,
-        )
-
-    def __call__(self, input_ids, position_ids, kv_layers, mask, segments=None) -> torch.Tensor:
-        self._routed, self._rows = [], tuple(input_ids.shape)
-        return super().__call__(input_ids, position_ids, kv_layers, mask, segments)
-
-    def routed_experts(self) -> torch.Tensor:
-        """The experts the last call chose: [n, t, layers, k] (long)."""
-        return torch.stack(self._routed, dim=1).view(*self._rows, len(self._routed), self.top_k)
-
-    def _mlp_block(self, x: torch.Tensor, w: MoeLayerWeights) -> torch.Tensor:
-        n, t, C = x.shape
-        h = F.rms_norm(x, (C,), w.mlp_norm, w.mlp_norm_eps)
-        shared = self._swiglu(h, w) * torch.sigmoid(F.linear(h, w.shared_gate))  # [n, t, C]
-        return x + (self._routed_mlp(h.view(n * t, C), w).view(n, t, C) + shared)
-
-    def _routed_mlp(self, h: torch.Tensor, w: MoeLayerWeights) -> torch.Tensor:
-        """Σ over each token's top-k experts of p_i · E_i(h); h [N, C] -> [N, C]."""
-        probs = torch.softmax(F.linear(h, w.router), dim=-1, dtype=torch.float32)  # [N, E]
-        weights, chosen = probs.topk(self.top_k, dim=-1)  # [N, k] each
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(-1, keepdim=True)
-        self._routed.append(chosen)
-        # the N k assignments sorted by expert: expert e runs once, on the rows that chose it
-        flat = chosen.flatten()  # [N k]
-        order = flat.argsort(stable=True)
-        rows, weights = order // self.top_k, weights.to(h.dtype).flatten()[order]
-        counts = torch.bincount(flat, minlength=w.router.shape[0])  # [E] assignments per expert
-        out = torch.zeros_like(h)
-        if self.grouped_mm:  # every expert's rows in one grouped matmul (1.3-1.9x the loop below)
-            offsets = counts.cumsum(0, dtype=torch.int32)
-            gate, up = F.grouped_mm(h[rows], w.expert_gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-            y = F.grouped_mm(F.silu(gate) * up, w.expert_down.transpose(1, 2), offs=offsets)  # [N k, C]
-            return out.index_add_(0, rows, y * weights[:, None])
-        start = 0
-        for e, count in enumerate(counts.tolist()):
-            if count:
-                idx = rows[start : start + count]
-                gate, up = F.linear(h[idx], w.expert_gate_up[e]).chunk(2, dim=-1)  # [count, F] each
-                y = F.linear(F.silu(gate) * up, w.expert_down[e]) * weights[start : start + count, None]
-                out.index_add_(0, idx, y)
-                start += count
-        return out
-
-
-_GROUPED_MM: dict[tuple[torch.dtype, str], bool] = {}  # (dtype, device type) -> probe result
-
-
-def grouped_mm_works(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether torch's grouped matmul (`F.grouped_mm`, torch >= 2.10) runs here and agrees with one
-    matmul per group, an empty group included. Probed once per process, dtype and device type."""
-    key = (dtype, torch.device(device).type)
-    if key not in _GROUPED_MM:
-        ok = False
-        try:
-            g = torch.Generator().manual_seed(0)  # leave the global RNG alone
-            x, w = torch.randn(6, 16, generator=g), torch.randn(3, 16, 8, generator=g)
-            x, w = x.to(device, dtype), w.to(device, dtype)
-            offsets = torch.tensor([2, 2, 6], dtype=torch.int32, device=device)  # group 1 is empty
-            tol = 1e-4 if dtype == torch.float32 else 0.1
-            ok = torch.allclose(F.grouped_mm(x, w, offs=offsets), torch.cat([x[:2] @ w[0], x[2:] @ w[2]]),
-                                atol=tol, rtol=tol)
-        except Exception:  # an older torch, or no kernel for this device/dtype: the per-expert loop
-            ok = False
-        _GROUPED_MM[key] = ok
-    return _GROUPED_MM[key]
-
-
-class RoutingTrace:
-    """The experts a routing decoder chose for each token one engine chunk ran, gathered per
-    prompt: its uncached prompt suffix (prefill), then each fed token (decode steps) in order."""
-
-    def __init__(self, slots: list[int]):
-        self.slots = slots  # batch slot -> prompt index
-        self.prefilled: list[torch.Tensor | None] = [None] * len(slots)  # per prompt [suffix, L, k]
-        self.decode_rows: list[torch.Tensor] = []  # per decode call: prompt index per row [b]
-        self.decoded: list[torch.Tensor] = []  # per decode call [b, L, k]
-
-    def prefill(self, first_slot: int, lengths: Sequence[int], experts: torch.Tensor) -> None:
-        """experts [g, s, L, k] of slots first_slot.. (suffixes right-aligned, `lengths` real tokens)."""
-        for j, length in enumerate(lengths):
-            self.prefilled[self.slots[first_slot + j]] = experts[j, experts.shape[1] - length :]
-
-    def decode(self, rows: torch.Tensor, experts: torch.Tensor) -> None:
-        """experts [b, 1, L, k] of one decode step; rows [b]: their prompt indices."""
-        self.decode_rows.append(rows)
-        self.decoded.append(experts[:, 0])
-
-    def per_prompt(self, fed: Sequence[int]) -> list[torch.Tensor]:
-        """Per prompt [suffix + fed, L, k]: `fed[i]` tokens of prompt i went back in (rows that finished
-        early were fed until compacted out, so only each prompt's first `fed[i]` steps count)."""
-        if not self.decoded:
-            return [p.to(torch.int16) for p in self.prefilled]
-        rows = torch.cat(self.decode_rows)
-        order = torch.argsort(rows, stable=True)  # stable: each prompt's steps stay in order
-        decoded = torch.cat(self.decoded)[order]
-        counts = torch.bincount(rows, minlength=len(self.slots)).tolist()
-        out, start = [], 0
-        for i, count in enumerate(counts):
-            out.append(torch.cat([self.prefilled[i], decoded[start : start + min(count, fed[i])]]).to(torch.int16))
-            start += count
-        return out
-
-
-# Every cached forward the engine knows, tried in order; a new backbone's class goes here.
-DECODERS: list[type] = [LlamaDecoder, MoeDecoder]
-
-
-def decoder_for(model: PreTrainedModel, compile_attention: bool | None = None) -> Decoder | None:
-    """The cached forward for `model`, or None when no decoder here supports it (the engine then
-    runs the model's own forward). `compile_attention`: decode-step attention through the kernel
-    compiled by inductor (None: on CPU in 16-bit precision, when the probe accepts it)."""
-    for decoder in DECODERS:
-        if decoder.supports(model):
-            return decoder(model, compile_attention)
-    return None
