@@ -143,6 +143,10 @@ class RLConfig(_Section):
         False, description="model.arch=moe: the learner routes every token the rollout engine ran to the experts "
         "that engine chose (verl's routing replay), so π_old, π_θ and μ compare the same experts even where "
         "the learner's own top-k would pick others (near-ties, bf16 rollouts); the torch engine records them")
+    dynamic_sampling: bool = Field(
+        False, description="GRPO/RLOO: train only on groups whose episode returns differ, playing more tasks "
+        "(up to rl.max_refills rounds) until rl.tasks_per_iter such groups are in hand (DAPO's dynamic sampling)")
+    max_refills: int = Field(3, ge=0, description="rl.dynamic_sampling: extra rounds of tasks_per_iter tasks at most")
     eval_every: int = Field(10, ge=0, description="eval on the valid split every N iterations; 0 = none (the test "
                             "split is played before and after RL either way)")
     eval_samples: int = Field(
@@ -159,6 +163,9 @@ class RLConfig(_Section):
             raise ValueError(f"rl.algo={self.algo} needs rl.group_size ≥ 2 (a group baseline), got {self.group_size}")
         if self.micro_batch_size > self.minibatch_size:
             raise ValueError("rl.micro_batch_size must be ≤ rl.minibatch_size")
+        if self.dynamic_sampling and self.algo == "ppo":
+            raise ValueError("rl.dynamic_sampling filters groups by their return spread, which only GRPO/RLOO's group "
+                             "baselines depend on; use rl.algo=grpo or rloo (PPO's critic learns from every episode)")
         return self
 
 

@@ -74,6 +74,30 @@ def drop_stale(trajs: list[Trajectory], version: int, max_staleness: int) -> tup
     return fresh, len(trajs) - len(fresh)
 
 
+def informative_groups(trajs: list[Trajectory], want: int, max_refills: int, play_more) -> tuple[list, int]:
+    """Dynamic sampling (DAPO): keep only the groups whose episode returns differ — a group that all
+    won or all failed has zero advantage under GRPO/RLOO and only dilutes the update — and play
+    more tasks (`play_more(round)`) until `want` such groups are in hand or `max_refills` rounds are
+    spent. Returns (the kept groups' episodes, at most `want` groups; the refill rounds played)."""
+    def spread(batch):
+        by_group: dict[int, list[Trajectory]] = {}
+        for t in batch:
+            if not t.infra_error:
+                by_group.setdefault(t.group, []).append(t)
+        return [g for g in by_group.values() if len(g) > 1 and len({round(t.episode_return, 9) for t in g}) > 1]
+
+    kept = spread(trajs)
+    rounds = 0
+    while len(kept) < want and rounds < max_refills:
+        rounds += 1
+        more = play_more(rounds)
+        offset = 1 + max((t.group for g in kept for t in g), default=-1)  # fresh group ids for the new tasks
+        for t in more:
+            t.group += offset
+        kept += spread(more)
+    return [t for g in kept[:want] for t in g], rounds
+
+
 def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
              stop_after: int | None = None, before: dict | None = None) -> dict:
     """Run the RL stage of `exp` from the policy in `init_from`; returns the before/after evals.
@@ -125,10 +149,11 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
                    dynamic_ncols=True)
         last = before
 
-        def submit(i: int):  # iteration i's episodes: its tasks and seeds depend on (seed, i) only
-            tasks = source.sample_tasks("train", cfg.tasks_per_iter, random.Random(episode_seed(exp.seed, "tasks", i)),
+        def submit(i: int, *refill: int):  # iteration i's episodes: tasks and seeds depend on (seed, i) only
+            tasks = source.sample_tasks("train", cfg.tasks_per_iter,
+                                        random.Random(episode_seed(exp.seed, "tasks", i, *refill)),
                                         skip=exp.sft.demos.num_examples if cfg.skip_sft_tasks else 0)
-            return pool.submit(tasks, cfg.group_size, seed=episode_seed(exp.seed, "play", i))
+            return pool.submit(tasks, cfg.group_size, seed=episode_seed(exp.seed, "play", i, *refill))
 
         # rollout.mode=async: up to max_staleness iterations are played ahead, with the weights of
         # the updates made so far, while the learner updates on the oldest (which has waited longest)
@@ -144,7 +169,11 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
                 in_flight.append(submit(it + 1 + len(in_flight)))
             # the learner holds version `it` (its updates so far); older samples than the bound are dropped
             trajs, stale = drop_stale(trajs, it, max_staleness)
-            metrics = summarize(trajs, stats)
+            metrics = summarize(trajs, stats)  # what the policy did: before dynamic sampling's filter
+            if cfg.dynamic_sampling:
+                trajs, refills = informative_groups(trajs, cfg.tasks_per_iter, cfg.max_refills,
+                                                    lambda r, i=it: pool.collect(submit(i, "refill", r))[0])
+                metrics.update(refills=float(refills), groups_kept=float(len({t.group for t in trajs})))
             metrics.update(learner.update(trajs, seed=episode_seed(exp.seed, it)))  # drops infra errors
             metrics["stale_dropped"] = float(stale)
             metrics["sync_s"] = pool.update_weights(learner.policy_state_dict(), version=it + 1, wait=not ahead)

@@ -61,3 +61,61 @@ def test_gradient_norms_agree_across_zero_stages(tmp_path):
         norms.append((m["grad_norm"], m["critic_grad_norm"]))
     for other in norms[1:]:
         assert other == pytest.approx(norms[0], rel=1e-4)
+
+
+def _episode(group: int, ret: float):
+    from rollout.trajectory import Trajectory
+
+    t = Trajectory(task={"id": f"t{group}"}, group=group)
+    t.append([5, 6], policy=True, logprobs=[-1.0, -1.0])
+    t.add_turn_reward(ret)
+    return t
+
+
+def test_dynamic_sampling_keeps_groups_with_spread_and_refills_with_fresh_group_ids():
+    from algos.rl import informative_groups
+
+    first = [_episode(0, 1.0), _episode(0, 1.0), _episode(1, 0.0), _episode(1, 1.0)]  # group 0 all won: no signal
+    calls = []
+
+    def play_more(round_):
+        calls.append(round_)
+        return [_episode(0, 0.0), _episode(0, 1.0), _episode(1, 0.0), _episode(1, 0.0)]  # its group 0 has spread
+
+    kept, rounds = informative_groups(first, want=2, max_refills=3, play_more=play_more)
+    assert rounds == 1 and calls == [1]
+    groups = {}
+    for t in kept:
+        groups.setdefault(t.group, []).append(t.episode_return)
+    assert len(groups) == 2 and all(len(set(r)) > 1 for r in groups.values())
+    assert 1 in groups and min(g for g in groups if g != 1) >= 2  # the refill's groups were renumbered past 1
+    # enough groups already: no refill; none to be had: stops after max_refills
+    assert informative_groups(first, want=1, max_refills=3, play_more=play_more)[1] == 0
+    assert informative_groups(first[:2], want=1, max_refills=2, play_more=lambda r: first[:2])[1] == 2
+
+
+def test_the_loop_trains_only_on_informative_groups_under_dynamic_sampling(tmp_path, monkeypatch):
+    import json
+
+    from algos.rl import train_rl
+
+    seen, real = [], Learner.update
+
+    def recording(self, trajs, seed=0):
+        by = {}
+        for t in trajs:
+            by.setdefault(t.group, set()).add(t.episode_return)
+        seen.append(by)
+        return real(self, trajs, seed)
+
+    monkeypatch.setattr(Learner, "update", recording)
+    tok = tiny_tokenizer()
+    folder = tmp_path / "policy"
+    tiny_policy(tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    exp = rl_experiment(tmp_path, iterations=2, save_every=2, dynamic_sampling=True, max_refills=2)
+    train_rl(exp, folder)
+    assert seen and all(len(r) > 1 for by in seen for r in by.values())
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "train/refills" in r]
+    assert len(train) == 2 and all(r["train/groups_kept"] <= 4 for r in train)

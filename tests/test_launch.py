@@ -9,6 +9,7 @@ import pytest
 from conftest import REPO
 
 import launch
+from algos.malloc import mimalloc_env
 
 
 def test_gen_data_sft_eval_end_to_end(tiny_recipe, tmp_path, capsys):
@@ -74,16 +75,17 @@ def test_cli_help_lists_the_subcommands():
         assert sub in out
 
 
-@pytest.mark.skipif(launch._mimalloc_env({}) is None, reason="cmeel-mimalloc is not installed (Linux x86-64 only)")
+@pytest.mark.skipif(mimalloc_env({}) is None, reason="cmeel-mimalloc is not installed (Linux x86-64 only)")
 def test_command_line_reruns_itself_with_mimalloc_and_torch_trains_under_it():
-    env = launch._mimalloc_env({"PATH": "/usr/bin:/bin"})
+    env = mimalloc_env({"PATH": "/usr/bin:/bin"})
     assert env["LD_PRELOAD"].endswith("libmimalloc.so")
-    assert launch._mimalloc_env(env) is None  # the re-run does not loop
-    assert launch._mimalloc_env({"TURNSTILE_MALLOC": "system"}) is None
-    assert launch._mimalloc_env({"LD_PRELOAD": "/x/libfoo.so"})["LD_PRELOAD"].endswith(":/x/libfoo.so")
-    assert launch._mimalloc_env({"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}) is None  # the user's own
+    assert mimalloc_env(env) is None  # the re-run does not loop
+    assert mimalloc_env({"TURNSTILE_MALLOC": "system"}) is None
+    assert mimalloc_env({"LD_PRELOAD": "/x/libfoo.so"})["LD_PRELOAD"].endswith(":/x/libfoo.so")
+    assert mimalloc_env({"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}) is None  # the user's own
     # the re-run has the library mapped, and torch trains under it
-    code = ("import sys, torch; sys.path.insert(0, '.'); import launch; launch._rerun_with_mimalloc()\n"
+    code = ("import sys, torch; sys.path.insert(0, '.'); from algos.malloc import rerun_with_mimalloc\n"
+            "rerun_with_mimalloc()\n"
             "m = torch.nn.Linear(64, 64); m(torch.randn(8, 64)).sum().backward()\n"
             "print('mapped' if 'libmimalloc' in open('/proc/self/maps').read() else 'missing', m.weight.grad.shape)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
