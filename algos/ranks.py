@@ -108,7 +108,8 @@ class LearnerGroup:
         cfg = exp.learner
         init_ray(exp.ray)
         bundle = {"CPU": cfg.cpus_per_rank, "GPU": cfg.gpus_per_rank, **cfg.resources}
-        self.placement = reserve([bundle] * cfg.num_ranks, cfg.placement, "learner ranks", exp.ray.placement_timeout_s)
+        self.placement = reserve([bundle] * cfg.num_ranks, cfg.placement, "learner ranks", exp.ray.placement_timeout_s,
+                                 local=exp.ray.address is None)
         actor = ray.remote(num_cpus=cfg.cpus_per_rank, num_gpus=cfg.gpus_per_rank,
                            resources=cfg.resources or None)(LearnerRank)
         self.ranks = [actor.options(**in_bundle(self.placement, r)).remote(r, cfg.num_ranks)

@@ -121,29 +121,42 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(num_cpus=cfg.num_cpus, namespace=cfg.namespace, include_dashboard=False, log_to_driver=False)
 
 
-def reserve(bundles: list[dict[str, float]], strategy: str, what: str, timeout_s: float):
+def reserve(bundles: list[dict[str, float]], strategy: str, what: str, timeout_s: float, local: bool = False):
     """A Ray placement group holding `bundles` (one per actor), ready; or a RuntimeError naming what
-    could not be placed and what the cluster has. All-or-nothing: a job never starts half-placed."""
+    could not be placed and what the cluster has. All-or-nothing: a job never starts half-placed.
+    `local`: the cluster is this machine's, started by this job (nothing will join or free up), so a
+    request beyond what is free fails at once instead of after `timeout_s`."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
     bundles = [{k: v for k, v in b.items() if v} for b in bundles]  # Ray refuses zero-sized entries
-    pg = placement_group(bundles, strategy=strategy)
-    try:
-        ray.get(pg.ready(), timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        remove_placement_group(pg)
+    have = ray.available_resources() if local else ray.cluster_resources()
+    short = {k: sum(b.get(k, 0) for b in bundles) for k in {k for b in bundles for k in b}}
+    short = {k: v for k, v in short.items() if v > have.get(k, 0) + 1e-9}
+    pg = None
+    if not short:  # a cluster that has the resources somewhere (or may free them): wait for them
+        pg = placement_group(bundles, strategy=strategy)
+        try:
+            ray.get(pg.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(pg)
+            pg = None
+    if pg is None:
+        why = f"it needs {short} in all ({'free on this machine' if local else 'the cluster has less'})" if short \
+            else f"not within {timeout_s:.0f} s"
         raise RuntimeError(
-            f"the Ray cluster could not place {len(bundles)} {what} ({bundles[0]} each, strategy {strategy}) within "
-            f"{timeout_s:.0f} s; it has {_schedulable(ray.cluster_resources())} in all, "
+            f"the Ray cluster could not place {len(bundles)} {what} ({bundles[0]} each, strategy {strategy}): {why}; "
+            f"it has {_schedulable(ray.cluster_resources())} in all, "
             f"{_schedulable(ray.available_resources())} free. Check the "
             "cpus/gpus per actor and the custom resources the recipe asks for") from None
     return pg
 
 
 def _schedulable(resources: dict[str, float]) -> dict[str, float]:
-    """A cluster's resources without Ray's per-node and memory entries (what a recipe can ask for)."""
-    return {k: v for k, v in sorted(resources.items()) if not k.startswith("node:") and "memory" not in k}
+    """A cluster's resources without Ray's per-node, memory and placement-group entries (what a
+    recipe can ask for)."""
+    return {k: v for k, v in sorted(resources.items())
+            if not k.startswith("node:") and "memory" not in k and "_group_" not in k}  # placement groups' own
 
 
 def in_bundle(pg, index: int) -> dict:
@@ -198,7 +211,7 @@ class RolloutPool:
         init_ray(ray_cfg)
         bundle = {"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker, **cfg.resources}
         self.placement = reserve([bundle] * cfg.num_workers, cfg.placement, "rollout workers",
-                                 ray_cfg.placement_timeout_s)
+                                 ray_cfg.placement_timeout_s, local=ray_cfg.address is None)
         actor_cls = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
                                resources=cfg.resources or None)(RolloutWorker)
         self.local = None

@@ -127,3 +127,16 @@ def test_a_rank_lost_mid_run_fails_the_iteration_and_the_run_resumes_to_the_unin
 def test_more_ranks_than_a_mini_batch_holds_is_a_named_error(tiny_recipe):
     with pytest.raises(ConfigError, match=r"learner.num_ranks=9 exceeds rl.minibatch_size=8"):
         load_config(tiny_recipe, ["+learner.num_ranks=9", "+rl.minibatch_size=8", "+rl.micro_batch_size=8"])
+
+
+def test_a_local_reservation_beyond_this_machine_fails_at_once(tmp_path):
+    import time
+
+    from rollout.runner import RolloutConfig
+    from rollout.worker import RayConfig, RolloutPool, WorkerSpec
+
+    spec = WorkerSpec(policy_folder=str(_policy_folder(tmp_path)), env_name="countdown_search", env_options={})
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"could not place 3 rollout workers.*needs \{'CPU': 3.0\} in all \(free on"):
+        RolloutPool(spec, RolloutConfig(num_workers=3, cpus_per_worker=1), RayConfig(placement_timeout_s=300))
+    assert time.perf_counter() - t0 < 60  # not the 300 s timeout
