@@ -52,6 +52,8 @@ from transformers import (
     LlamaModel,
 )
 
+from agents.broadcast import BroadcastLlamaAttention
+
 if TYPE_CHECKING:
     from agents.model import ModelConfig
 
@@ -74,6 +76,7 @@ class FactorConfig(LlamaConfig):
     num_experts_per_tok: int = 4  # k: slices each token runs
     router_pa_coef: float = PA_COEF
     router_balance_coef: float = BALANCE_COEF
+    context_broadcast: bool = False  # uniform attention added to each head (agents/broadcast.py)
 
     def validate_architecture(self):
         super().validate_architecture()
@@ -198,8 +201,10 @@ class FactorModel(LlamaModel):
 
     def __init__(self, config: FactorConfig):
         super().__init__(config)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             layer.mlp = FactorMoE(config)
+            if config.context_broadcast:
+                layer.self_attn = BroadcastLlamaAttention(config, i)
         self.post_init()  # initialises the new modules (the routers' normal(0, 0.02))
 
 
@@ -265,6 +270,7 @@ def build(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: i
         tie_word_embeddings=cfg.tie_embeddings,
         num_experts=cfg.num_experts,
         num_experts_per_tok=cfg.top_k,
+        context_broadcast=cfg.context_broadcast,
         pad_token_id=pad_id,
         bos_token_id=bos_id,
         eos_token_id=eos_id,
@@ -277,7 +283,7 @@ def split_dense(dense: nn.Module, num_experts: int, top_k: int) -> FactorForCaus
     """The factor model of a dense LlamaForCausalLM: the same weights (each FFN now E slices whose
     sum is the dense FFN), plus a freshly initialised router per layer; same dtype and device."""
     cfg = dense.config
-    if getattr(cfg, "model_type", None) != "llama":
+    if getattr(cfg, "model_type", None) not in ("llama", "turnstile_llama"):  # the latter: context_broadcast
         raise FactorSplitError(f"split_dense needs a dense Llama, got model_type={getattr(cfg, 'model_type', None)}")
     if cfg.intermediate_size % num_experts:
         raise FactorSplitError(f"the dense FFN's intermediate_size={cfg.intermediate_size} is not divisible by "

@@ -72,6 +72,8 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
+from agents.broadcast import add_uniform, uniform_weights
+
 if TYPE_CHECKING:
     from agents.model import ModelConfig
 
@@ -105,6 +107,7 @@ class ModConfig(LlamaConfig):
     mod_capacity: float = 0.5  # target mean router probability (the regulariser's c)
     mod_threshold: float = 0.5  # τ: a token runs a routed layer when p > τ
     mod_coef: float = 0.01  # weight of the capacity regulariser
+    context_broadcast: bool = False  # uniform attention added to each head (agents/broadcast.py)
 
     def __post_init__(self, **kwargs):
         if self.mod_layers is None:
@@ -153,6 +156,8 @@ class ModAttention(LlamaAttention):
         if route is not None:
             mask = skip_mask(mask, v, t)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=H != KV)
+        if self.config.context_broadcast:  # the mean of the values over the same keys (skipped ones excluded)
+            o = add_uniform(o, uniform_weights(mask, v.dtype), v)
         o = o.transpose(1, 2).reshape(b * t, H * D)  # [b t, H D]
         if route is None:
             return self.o_proj(o).view(b, t, C)
@@ -314,6 +319,7 @@ def build(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: i
         mod_capacity=cfg.mod_capacity,
         mod_threshold=cfg.mod_threshold,
         mod_coef=cfg.mod_coef,
+        context_broadcast=cfg.context_broadcast,
     )
     return ModForCausalLM(hf_cfg)
 

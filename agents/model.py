@@ -56,6 +56,9 @@ class ModelConfig(BaseModel):
     max_seq_len: int = Field(1024, ge=16)
     rope_theta: float = Field(10_000.0, gt=0)
     tie_embeddings: bool = True
+    context_broadcast: bool = Field(False, description="add to every attention head the mean of the values "
+                                    "over the keys it may attend to: causal uniform attention (agents/broadcast.py; "
+                                    "any arch but moe; not servable by vLLM)")
     # arch: moe (agents/moe.py) and factor (agents/factor.py)
     num_experts: int | None = Field(None, ge=1, description="moe/factor: routed experts per layer (moe 8, factor 8)")
     top_k: int | None = Field(None, ge=1, description="moe/factor: experts each token runs (moe 2, factor 4)")
@@ -101,6 +104,11 @@ class ModelConfig(BaseModel):
             raise ValueError(f"model.intermediate_size={self.intermediate_size or 4 * self.hidden_size} is not "
                              f"divisible by model.num_experts={self.num_experts}: factor experts are equal slices "
                              "of the FFN's neurons")
+        if self.arch == "moe" and self.context_broadcast:
+            raise ValueError("model.context_broadcast does not apply to model.arch=moe: moe is transformers' "
+                             "Qwen2-MoE so that vLLM serves it and transformers reads its per-expert checkpoints, "
+                             "both by its model type, which an attention of our own would have to change; use it "
+                             f"with {', '.join(a for a in ARCH_KEYS if a != 'moe')}")
         if self.arch == "moe" and self.intermediate_size is not None:
             raise ValueError("model.intermediate_size is the dense MLP's width; model.arch=moe sizes its experts "
                              "with model.expert_size and model.shared_expert_size")
@@ -159,6 +167,8 @@ def arch_module(arch: str):
 def register_archs() -> None:
     """Import every backbone's module, so transformers' Auto classes know their model types (what
     reading a saved folder of any arch needs first)."""
+    import agents.broadcast  # noqa: F401  (turnstile_llama: the dense backbone with model.context_broadcast)
+
     for arch in ARCH_MODULES:
         arch_module(arch)
 
@@ -186,11 +196,9 @@ def auxiliary_losses(model: torch.nn.Module, token_mask: torch.Tensor) -> tuple[
     return total, stats
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> PreTrainedModel:
-    """A freshly initialised policy for `cfg` (float32; the learner casts for bf16/fp16)."""
-    if cfg.arch != "llama":
-        return arch_module(cfg.arch).build(cfg, vocab_size, pad_id, bos_id, eos_id)
-    hf_cfg = LlamaConfig(
+def llama_config_fields(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> dict:
+    """The LlamaConfig fields of a dense `model:` section."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size,
@@ -205,7 +213,18 @@ def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos
         eos_token_id=eos_id,
         attn_implementation="sdpa",
     )
-    return LlamaForCausalLM(hf_cfg)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> PreTrainedModel:
+    """A freshly initialised policy for `cfg` (float32; the learner casts for bf16/fp16)."""
+    if cfg.arch != "llama":
+        return arch_module(cfg.arch).build(cfg, vocab_size, pad_id, bos_id, eos_id)
+    if cfg.context_broadcast:  # a model type of our own (turnstile_llama); without the flag the plain Llama
+        from agents.broadcast import TurnstileLlamaConfig, TurnstileLlamaForCausalLM
+
+        fields = llama_config_fields(cfg, vocab_size, pad_id, bos_id, eos_id)
+        return TurnstileLlamaForCausalLM(TurnstileLlamaConfig(**fields, context_broadcast=True))
+    return LlamaForCausalLM(LlamaConfig(**llama_config_fields(cfg, vocab_size, pad_id, bos_id, eos_id)))
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -54,6 +54,8 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 
+from agents.broadcast import BroadcastLlamaAttention, ContextBroadcastAttention
+
 if TYPE_CHECKING:
     from agents.model import ModelConfig
 
@@ -179,6 +181,7 @@ class MonarchConfig(LlamaConfig):
 
     monarch_blocks: int = 4  # b of every Monarch linear
     monarch_attention: bool = False  # q/k/v/o Monarch too (else only the MLP's gate/up/down)
+    context_broadcast: bool = False  # uniform attention added to each head (agents/broadcast.py)
 
 
 class MonarchMLP(nn.Module):
@@ -207,12 +210,18 @@ class MonarchAttention(LlamaAttention):
                                               dense.bias is not None))
 
 
+class BroadcastMonarchAttention(ContextBroadcastAttention, MonarchAttention):
+    """MonarchAttention plus uniform attention (model.context_broadcast)."""
+
+
 class MonarchDecoderLayer(LlamaDecoderLayer):
     def __init__(self, config: MonarchConfig, layer_idx: int):
         # skip LlamaDecoderLayer.__init__ (it would build a dense MLP only to drop it); same fields
         super(LlamaDecoderLayer, self).__init__()
         self.hidden_size = config.hidden_size
-        attention = MonarchAttention if config.monarch_attention else LlamaAttention
+        attention = {(False, False): LlamaAttention, (True, False): MonarchAttention,
+                     (False, True): BroadcastLlamaAttention, (True, True): BroadcastMonarchAttention}[
+            (bool(config.monarch_attention), bool(config.context_broadcast))]
         self.self_attn = attention(config=config, layer_idx=layer_idx)
         self.mlp = MonarchMLP(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -281,6 +290,7 @@ def build(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: i
         tie_word_embeddings=cfg.tie_embeddings,
         monarch_blocks=cfg.monarch_blocks,
         monarch_attention=cfg.monarch_attention,
+        context_broadcast=cfg.context_broadcast,
         pad_token_id=pad_id,
         bos_token_id=bos_id,
         eos_token_id=eos_id,
@@ -295,7 +305,7 @@ def project_dense_model(model: PreTrainedModel, nblocks: int = 4, attention: boo
     `attention`) replaced by its nearest Monarch matrix (`project`), every other weight copied.
     Same dtype and device as `model`; its log-probs are the dense model's where the projected
     weights were Monarch already, and approximate them otherwise (fine-tune after)."""
-    if getattr(model.config, "model_type", None) != "llama":
+    if getattr(model.config, "model_type", None) not in ("llama", "turnstile_llama"):  # keeps context_broadcast
         raise ValueError(f"project_dense_model takes a dense Llama policy, not model_type="
                          f"{getattr(model.config, 'model_type', None)}")
     fields = {k: v for k, v in model.config.to_dict().items()

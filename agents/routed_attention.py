@@ -53,6 +53,8 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
+from agents.broadcast import add_uniform, uniform_weights
+
 if TYPE_CHECKING:
     from agents.model import ModelConfig
 
@@ -67,6 +69,7 @@ class RoutedAttentionConfig(LlamaConfig):
     region_size: int = 16  # R, tokens per region
     top_regions: int = 4  # k, completed past regions each query attends to besides its own
     local_conv: int = 3  # K, kernel of the causal LePE conv on the values; 0 = none
+    context_broadcast: bool = False  # uniform attention over all past real keys added to each head
 
 
 def build(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> RoutedAttentionForCausalLM:
@@ -84,6 +87,7 @@ def build(cfg: ModelConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: i
         region_size=cfg.region_size,
         top_regions=cfg.top_regions,
         local_conv=cfg.local_conv,
+        context_broadcast=cfg.context_broadcast,
         pad_token_id=pad_id,
         bos_token_id=bos_id,
         eos_token_id=eos_id,
@@ -192,6 +196,14 @@ def local_conv(v: torch.Tensor, plan: RoutingPlan, weight: torch.Tensor, bias: t
     return out if bias is None else out + bias.view(KV, 1, D).to(v.dtype)
 
 
+def broadcast_keys(plan: RoutingPlan) -> torch.Tensor:
+    """The keys `model.context_broadcast` averages, [n, 1, t, T] bool: every real key at a position
+    ≤ the query's, routed or not (the query's own column always: a pad query's row is not empty).
+    The broadcast is the global summary the routing leaves out, and it does not jump when the
+    router's choice flips."""
+    return (plan.causal | plan.own_column)[:, None]
+
+
 def keys_per_query(length: int, region_size: int, top_regions: int) -> tuple[float, float]:
     """(dense, routed) mean keys a query attends to over positions 0 .. length-1: dense p + 1;
     routed (p mod R) + 1 in its region plus R per selected past region. What the attention's
@@ -252,6 +264,8 @@ class RoutedAttention(LlamaAttention):
                                            enable_gqa=H != KV)  # [n, H, t, D]
         if self.lepe is not None:  # each KV head's LePE goes to its G query heads
             o = o + self.lepe(v, plan).repeat_interleave(H // KV, dim=1)
+        if self.config.context_broadcast:  # the mean of the values of all past real keys, routed or not
+            o = add_uniform(o, uniform_weights(broadcast_keys(plan), v.dtype), v)
         o = o.transpose(1, 2).reshape(n, t, H * D)
         return self.o_proj(o), None
 

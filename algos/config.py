@@ -235,6 +235,9 @@ class Experiment(_Section):
         if self.rollout.backend == "vllm" and self.model.arch not in VLLM_ARCHS:
             raise ValueError(f"rollout.backend=vllm cannot serve model.arch={self.model.arch}: vLLM serves "
                              f"{', '.join(VLLM_ARCHS)}; use rollout.backend=torch")
+        if self.rollout.backend == "vllm" and self.model.context_broadcast:
+            raise ValueError("rollout.backend=vllm cannot serve model.context_broadcast=true: vLLM's attention has "
+                             "no uniform-attention term (agents/broadcast.py); use rollout.backend=torch")
         if self.rl is not None and self.rl.routing_replay:
             if self.model.arch != "moe":
                 raise ValueError(f"rl.routing_replay needs model.arch=moe (model.arch={self.model.arch} "

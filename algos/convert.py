@@ -58,7 +58,7 @@ def convert_to_factor(exp: Experiment, source_folder: str | Path, out_folder: st
         num_experts, top_k = ARCH_KEYS["factor"]["num_experts"], ARCH_KEYS["factor"]["top_k"]
     src = policy_folder(source_folder)
     model_type = json.loads((src / "config.json").read_text()).get("model_type")
-    if model_type != "llama":
+    if model_type not in ("llama", "turnstile_llama"):  # turnstile_llama: a dense policy with context_broadcast
         raise ValueError(f"{src} holds a {model_type} model (model.arch={source_arch(model_type)}); launch.py "
                          "convert factorises a dense policy (model.arch=llama)")
     device = resolve_device(exp.runtime)

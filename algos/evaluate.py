@@ -144,6 +144,22 @@ def print_summary(title: str, rows: dict[str, dict]) -> None:
     console = Console()
     console.width = max(console.width, 120)  # a pipe or CI log reports 80 columns: keep rows whole
     console.print(table)
+    groups = breakdown(rows)
+    if groups:  # an env's eval_stats broke success down (`success/<group>`, `tasks/<group>`)
+        table = Table(title=f"{title}: success per group")
+        for col in ("split", "group", "tasks", "success"):
+            table.add_column(col, justify="left" if col in ("split", "group") else "right", no_wrap=True)
+        for name, group, tasks, success in groups:
+            table.add_row(name, group, "" if tasks is None else str(tasks), f"{success:.1%}")
+        console.print(table)
+
+
+def breakdown(rows: dict[str, dict]) -> list[tuple[str, str, int | None, float]]:
+    """(split, group, tasks, success) for every `success/<group>` key of each row's summary, in the
+    summary's order: the per-group table print_summary adds (e.g. ALFWorld's task types)."""
+    return [(name, key.split("/", 1)[1], s.get(f"tasks/{key.split('/', 1)[1]}"), float(value))
+            for name, s in rows.items() for key, value in s.items()
+            if key.startswith("success/") and isinstance(value, (int, float))]
 
 
 def save_eval(path: Path, summary: dict, records: list[dict], meta: dict) -> None:

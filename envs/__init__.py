@@ -9,7 +9,7 @@ Each environment is one package (envs/countdown, envs/textworld) that registers 
 Nothing here imports torch, transformers or ray.
 """
 
-from . import alfworld, countdown, textworld  # noqa: F401  (imported to register their envs)
+from . import alfworld, countdown, swe, textworld  # noqa: F401  (imported to register their envs)
 from .base import (
     MAX_TEXT_LENGTH,
     REQUIRED_INFO_KEYS,

@@ -130,9 +130,18 @@ def reserve(bundles: list[dict[str, float]], strategy: str, what: str, timeout_s
     from ray.util.placement_group import placement_group, remove_placement_group
 
     bundles = [{k: v for k, v in b.items() if v} for b in bundles]  # Ray refuses zero-sized entries
-    have = ray.available_resources() if local else ray.cluster_resources()
-    short = {k: sum(b.get(k, 0) for b in bundles) for k in {k for b in bundles for k in b}}
-    short = {k: v for k, v in short.items() if v > have.get(k, 0) + 1e-9}
+    need = {k: sum(b.get(k, 0) for b in bundles) for k in {k for b in bundles for k in b}}
+
+    def shortfall() -> dict[str, float]:
+        have = ray.available_resources() if local else ray.cluster_resources()
+        return {k: v for k, v in need.items() if v > have.get(k, 0) + 1e-9}
+
+    short = shortfall()
+    # a placement group this job just removed frees its resources a moment later: give it that moment
+    deadline = time.monotonic() + min(timeout_s, 20.0)
+    while short and local and time.monotonic() < deadline:
+        time.sleep(0.2)
+        short = shortfall()
     pg = None
     if not short:  # a cluster that has the resources somewhere (or may free them): wait for them
         pg = placement_group(bundles, strategy=strategy)

@@ -1,5 +1,6 @@
 """The ALFWorld env: games generated from the package's floor plans (planner-checked, cached, split
-by room), the official on-disk layout, rewards, demos and bad settings.
+by room), the expert planner against fast-downward's, the official on-disk layout, rewards, demos,
+the per-task-type eval table, a short SFT -> RL run and bad settings.
 
 Generates a dozen games once per session (train: one per task type) into a temporary cache.
 """
@@ -18,11 +19,13 @@ if package_dir() is None:
 
 import envs  # noqa: E402
 from envs import EnvConfigError, format_for  # noqa: E402
-from envs.alfworld import TASK_TYPES, check_game, generate_one  # noqa: E402
+from envs.alfworld import TASK_TYPES, check_game, expert, generate_one  # noqa: E402
+from envs.alfworld.generate import TEXTWORLD_ORIGINALS, fast_downward_plan, plan_from_here, start_game  # noqa: E402
 from envs.alfworld.problems import goal_library  # noqa: E402
 
-# Small rooms, where the planner is quick (a blind search: its time grows fast with receptacles)
-# and kitchens last, so that only the tasks that need a kitchen (heat, cool) are played in one.
+# Small rooms, where fast-downward (the optimal planner the expert is checked against: a blind
+# search, its time grows fast with receptacles) is quick, and kitchens last, so that only the
+# tasks that need a kitchen (heat, cool) are played in one.
 TRAIN_ROOMS = [420, 214, 316, 14, 29]
 VALID_ROOMS = [23, 221, 329]
 HELDOUT_ROOMS = [202, 304, 416]
@@ -127,6 +130,161 @@ def test_a_game_over_the_time_limit_is_dropped_and_its_worker_replaced(tmp_path)
     assert (report.generated, report.kept) == (1, 1)
 
 
+def test_a_basin_without_its_sinks_point_is_named_as_alfworld_names_it(tmp_path):
+    # FloorPlan429's layout places no sink: its basin gets a location of its own, as
+    # "Sink|1|SinkBasin", which ALFWorld's demangler reads as "sinkbasin 1" (a "SinkBasin|1"
+    # would read "sinkbasinbasin 1", a name no ALFWorld game has).
+    record = generate_one("pick_clean_then_place_in_recep", 429, 0, str(tmp_path))
+    assert record["status"] == "kept" and any(c.endswith("with sinkbasin 1") for c in record["walkthrough"])
+    game = start_game(str(tmp_path / f"{record['key']}.tw-pddl"))
+    intro = game.reset().feedback
+    game.close()
+    assert "a sinkbasin 1" in intro and "basinbasin" not in intro
+
+
+def test_the_fast_downward_option_makes_the_same_games_in_a_folder_of_its_own(source, tmp_path):
+    from envs.alfworld import AlfWorldGames
+
+    assert AlfWorldGames(tmp_path).folder.name == "generated-v2"
+    assert AlfWorldGames(tmp_path, "fast_downward").folder.name == "generated-v2-fast_downward"
+    for task in source.tasks("train")[:3]:  # pick-and-place, look-at-in-light, clean: small rooms
+        record = generate_one(task["task_type"], task["floor_plan"], task["seed"], str(tmp_path), "fast_downward")
+        assert record["status"] == "kept" and record["planner"] == "fast_downward"
+        assert record["game_hash"] == task["game_hash"]  # the same problem and task text
+        assert len(record["walkthrough"]) == len(task["walkthrough"])  # both plans are shortest
+        ours = json.loads(open(task["game"]).read())
+        theirs = json.loads((tmp_path / Path(task["game"]).name).read_text())
+        assert {k: v for k, v in ours.items() if k != "walkthrough"} == {k: v for k, v in theirs.items()
+                                                                      if k != "walkthrough"}
+
+
+# -- the expert planner ------------------------------------------------------------------------
+
+
+def _walk(game, rng, steps: int):
+    """States along a random walk (admissible moves; now and then the expert's next command)."""
+    state = game.reset()
+    for _ in range(steps):
+        if state.won:
+            return
+        yield state
+        plan = expert.plan_game(game)
+        moves = [c for c in state.admissible_commands if c.split()[0] not in ("look", "examine", "inventory", "help")]
+        state, _, _ = game.step(plan[0] if plan and rng.random() < 0.3 else rng.choice(moves))
+
+
+def test_expert_plans_are_as_short_as_fast_downwards_and_win(source, tmp_path):
+    # On states sampled along random walks in games of all six types (objects carried elsewhere,
+    # receptacles left open, a wrong object in hand, ...), the expert's plan has the optimal
+    # planner's length, and it wins when replayed, at its last command. Also under a metric
+    # (the domain's action costs: clean/heat/cool/use cost 5), where both minimise the cost.
+    rng, compared = random.Random(0), 0
+    tasks = source.tasks("train") + source.tasks("heldout")
+    for n, task in enumerate(tasks):
+        path, metric = task["game"], n == 2
+        if metric:
+            game = json.loads(open(path).read())
+            game["pddl_problem"] = game["pddl_problem"].rstrip()[:-1] + "\n(:metric minimize (total-cost))\n)"
+            path = str(tmp_path / "metric.tw-pddl")
+            Path(path).write_text(json.dumps(game))
+        game = start_game(path, "fast_downward")
+        assert expert.goal_of(game).task_type == task["task_type"]
+        assert expert.uses_metric(game) == metric
+        steps = 3 if task["floor_plan"] in (14, 29) else 8  # kitchens: fast-downward is slow there
+        for state in _walk(game, rng, steps):
+            plan, optimal = expert.plan_game(game), fast_downward_plan(game)
+            assert len(plan) == len(optimal) > 0, (task["id"], state.feedback, plan, optimal)
+            compared += 1
+        state, final = game.unwrapped.state, expert.plan_game(game)
+        for i, command in enumerate(final):
+            assert command in state.admissible_commands, (task["id"], command)
+            state, _, _ = game.step(command)
+            assert bool(state.won) == (i == len(final) - 1), (task["id"], final)
+        assert final or state.won
+        game.close()
+    assert compared >= 40
+
+
+def _world(*facts):
+    """An expert World from facts written as tuples: ("inreceptacle", "tissuebox_bar_1", "toilet_bar_1")."""
+    from types import SimpleNamespace as NS
+
+    props = [NS(name=f[0], arguments=[NS(name=a) for a in f[1:]]) for f in facts]
+    entities = {a for f in facts for a in f[1:]}
+    return expert.World(props, {e: e.replace("_bar_", " ") for e in entities})
+
+
+def test_expert_frees_its_hands_where_it_must_open_anyway():
+    # Holding another object by two closed cabinets, one holding a target: putting it down in that
+    # one (open, put, take: 3) beats the other (open, put, open, take: 4), though both are "here".
+    # A hand-made state, as a dense reward's off-plan step can leave.
+    receptacles = {"cabinet_bar_1": "loc_bar_1", "cabinet_bar_2": "loc_bar_1", "toilet_bar_1": "loc_bar_2",
+                   "shelf_bar_1": "loc_bar_3"}
+    objects = {"toiletpaper_bar_1": None, "tissuebox_bar_1": "cabinet_bar_2", "tissuebox_bar_2": "shelf_bar_1"}
+    world = _world(("atlocation", "agent1", "loc_bar_1"), ("holds", "agent1", "toiletpaper_bar_1"),
+                   ("openable", "cabinet_bar_1"), ("openable", "cabinet_bar_2"),
+                   *[("receptacletype", r, r.split("_")[0] + "type") for r in receptacles],
+                   *[("receptacleatlocation", r, loc) for r, loc in receptacles.items()],
+                   *[("cancontain", r.split("_")[0] + "type", o.split("_")[0] + "type")
+                     for r in receptacles for o in objects],
+                   *[("objecttype", o, o.split("_")[0] + "type") for o in objects],
+                   *[("pickupable", o) for o in objects],
+                   *[("inreceptacle", o, r) for o, r in objects.items() if r])
+    goal = expert.Goal("pick_two_obj_and_place", "tissueboxtype", "toilettype")
+    assert expert.plan(world, goal) == [
+        "open cabinet 2", "move toiletpaper 1 to cabinet 2", "take tissuebox 1 from cabinet 2", "go to toilet 1",
+        "move tissuebox 1 to toilet 1", "go to shelf 1", "take tissuebox 2 from shelf 1", "go to toilet 1",
+        "move tissuebox 2 to toilet 1"]
+
+
+def test_goals_outside_the_six_task_types_fall_back_to_fast_downward(source, tmp_path):
+    task = source.tasks("train")[0]
+    game = json.loads(open(task["game"]).read())
+    problem = game["pddl_problem"]
+    obj = expert.parse_goal(problem).obj  # the task's object type: only hold one
+    goal = f"(:goal (and (exists (?o - object ?a - agent) (and (objectType ?o {obj}) (holds ?a ?o)))))\n)"
+    game["pddl_problem"] = problem[: problem.index("(:goal")] + goal
+    assert expert.parse_goal(game["pddl_problem"]) is None
+    assert expert.parse_goal(problem.replace("(inReceptacle ?o ?r)", "(isSliced ?o) (inReceptacle ?o ?r)")) is None
+    path = tmp_path / "other_goal.tw-pddl"
+    path.write_text(json.dumps(game))
+    env = start_game(str(path))
+    env.reset()
+    assert expert.plan_game(env) is None
+    plan = plan_from_here(env, "expert")  # fast-downward's
+    assert plan == fast_downward_plan(env) and len(plan) == 2 and plan[1].startswith("take ")
+    with pytest.raises(ValueError, match="planner"):
+        plan_from_here(env, "astar")
+
+
+def test_textworld_parses_each_template_once_without_changing_any_text(source, monkeypatch):
+    # start_game makes textworld's backend cache its template parses (the bulk of a step's time);
+    # with textworld's own functions put back, a game plays out with exactly the same texts.
+    import textworld.envs.pddl.textgen as textgen
+    from textworld.logic import Rule
+
+    task = source.tasks("train")[5]  # two objects: takes, moves, opens
+    rng = random.Random(1)
+
+    def transcript():
+        game = start_game(task["game"])
+        state, out = game.reset(), []
+        for _ in range(12):
+            out.append((state.feedback, state.admissible_commands))
+            state, _, _ = game.step(rng.choice(state.admissible_commands))
+        game.close()
+        return out
+
+    start_game(task["game"]).close()  # the caches are in
+    assert textgen._parse_and_convert.__name__ == "cached_symbols" and len(TEXTWORLD_ORIGINALS) == 3
+    cached = transcript()
+    rng.seed(1)
+    for (owner, name), original in TEXTWORLD_ORIGINALS.items():
+        monkeypatch.setattr(owner, name, original)
+    assert Rule.parse_conjunctive_query("openable(r:receptacle)").preconditions[0].name == "openable"
+    assert transcript() == cached
+
+
 # -- the env -----------------------------------------------------------------------------------
 
 
@@ -187,6 +345,49 @@ def test_dense_rewards_sum_to_at_most_one_and_to_one_on_a_win(source, cfg):
             done = terminated or truncated
             assert total <= 1.0
         assert total == 1.0 or not info["won"]
+
+
+def test_dense_rewards_are_the_same_with_either_planner(source, cfg):
+    # Off the expert plan every step asks the planner; the expert's remaining length is the
+    # optimal planner's, so the rewards (and plan_left) of a random walk are fast-downward's.
+    rng = random.Random(3)
+    plays = {planner: envs.make("alfworld", cfg, reward_density="dense", planner=planner, max_turns=12)
+             for planner in ("expert", "fast_downward")}
+    train = source.tasks("train")
+    for task in [train[0], train[1], train[2], train[5]]:  # the small rooms' games
+        _, info = plays["expert"].reset(options={"task": task})
+        actions, results = [], {"expert": [], "fast_downward": []}
+        done = False
+        while not done:
+            action = task["walkthrough"][0] if not actions else rng.choice(info["admissible_actions"])
+            actions.append(action)
+            _, reward, terminated, truncated, info = plays["expert"].step(action)
+            results["expert"].append((reward, info["reward_components"]["plan_left"]))
+            done = terminated or truncated
+        plays["fast_downward"].reset(options={"task": task})
+        for action in actions:
+            _, reward, _, _, info = plays["fast_downward"].step(action)
+            results["fast_downward"].append((reward, info["reward_components"]["plan_left"]))
+        assert results["expert"] == results["fast_downward"], task["id"]
+        assert len({left for _, left in results["expert"]}) > 2  # the walk moved the plan's length about
+
+
+def test_launch_eval_prints_a_table_per_task_type(capsys):
+    # launch.py eval (and RL's before/after) print the overall table, then one row per task
+    # type from the env's eval_stats (`success/<type>`, `tasks/<type>`): a generic breakdown.
+    from algos.evaluate import print_summary
+
+    records = [{"task": {"task_type": "pick_two_obj_and_place"}, "won": True},
+               {"task": {"task_type": "pick_two_obj_and_place"}, "won": False},
+               {"task": {"task_type": "look_at_obj_in_light"}, "won": True}]
+    summary = {"tasks": 3, "accuracy": 2 / 3, "mean_tokens": 40.0, "truncated": 0.0, "tokens_per_s": 100.0,
+               "seconds": 1.0, "mean_turns": 6.0, **envs.spec("alfworld").eval_stats(records)}
+    print_summary("alfworld: heldout", {"heldout": summary})
+    out = capsys.readouterr().out
+    table = out[out.index("success per group"):]
+    rows = [line for line in table.splitlines() if "heldout" in line and "_" in line]
+    assert len(rows) == 2 and "look_at_obj_in_light" in rows[0] and "100.0%" in rows[0]
+    assert "pick_two_obj_and_place" in rows[1] and " 2 " in rows[1] and "50.0%" in rows[1]
 
 
 # -- demonstrations ----------------------------------------------------------------------------
@@ -313,3 +514,64 @@ def test_envs_work_without_the_alfworld_package(monkeypatch, tmp_path):
             source.tasks("train")
     finally:
         package_dir.cache_clear()
+
+
+# -- a short SFT -> RL run ---------------------------------------------------------------------
+
+
+def test_short_sft_then_rl_raises_success_on_games_it_did_not_train_on(tmp_path):
+    # From scratch, on 48 generated games of the clean task in one small bathroom (FloorPlan420:
+    # 8 receptacles, a cloth or a soap bar to clean at the sink basin and put somewhere): SFT on
+    # the expert's demos (half with a detour), then a few GRPO iterations, scored on the
+    # heldout_seen games (new games of that room: other objects where they lie, other targets;
+    # none is a train game), sampled, 4 episodes each. The untrained policy (constrained to
+    # admissible commands, so it does play) wins none; SFT -> RL wins some.
+    from rl_helpers import tiny_policy
+
+    from algos import recipes
+    from algos.checkpoint import load_policy
+    from algos.config import load_config
+    from algos.data import prepare_data, read_jsonl
+    from algos.evaluate import evaluate_episodes
+    from algos.rl import train_rl
+    from algos.sft import train_sft
+
+    recipe = tmp_path / "aw_tiny.yaml"
+    recipe.write_text(f"""
+name: aw_tiny
+seed: 0
+out_dir: {tmp_path / 'rl'}
+data_dir: {tmp_path / 'data'}
+env: {{name: alfworld, task_types: [pick_clean_then_place_in_recep], train_floor_plans: [420],
+      valid_floor_plans: [418], heldout_floor_plans: [402], train_size: 48, heldout_size: 8, max_turns: 15,
+      cache_dir: {tmp_path / 'games'}, progress: false, game_time_limit: null}}
+tokenizer: {{vocab_size: 400}}
+model: {{hidden_size: 64, num_layers: 2, num_heads: 2, max_seq_len: 1024}}
+runtime: {{device: cpu}}
+sft: {{demos: {{num_examples: 48, mistakes: 0.5}}, steps: 300, batch_size: 4, lr: 3.0e-3, warmup_steps: 5,
+      log_every: 50, save_every: 300}}
+eval: {{split: heldout_seen, num_tasks: 8}}
+rl: {{algo: grpo, init_from: {tmp_path / 'sft'}, iterations: 3, tasks_per_iter: 4, group_size: 4, epochs: 1,
+     minibatch_size: 16, micro_batch_size: 8, lr: 3.0e-4, eval_every: 0, eval_samples: 4, save_every: 3}}
+rollout: {{num_workers: 0, max_turn_tokens: 20, temperature: 1.0, constrain_actions: true}}
+""")
+    exp = load_config(recipe)
+    source = envs.make_tasks("alfworld", **exp.env_options())
+    unseen = source.tasks("heldout_seen")
+    assert not {t["game_hash"] for t in unseen} & {t["game_hash"] for t in source.tasks("train")}
+    sft_dir = tmp_path / "sft"
+    demos = read_jsonl(prepare_data(exp, progress=False) / "train_demos.jsonl")
+    assert len(demos) == 48 and all(d["won"] for d in demos)
+    tok = recipes.build_tokenizer(exp, demos, sft_dir)
+    sampled = exp.eval.model_copy(update={"temperature": 1.0})
+    start, _ = evaluate_episodes(tiny_policy(tok, hidden=64).eval(), tok, "alfworld", exp.env_options(), unseen * 4,
+                                 sampled, exp.rollout, exp.model.max_seq_len)
+    train_sft(exp, recipes.build_examples(exp, demos, tok), tok, sft_dir, progress=False)
+    result = train_rl(exp, sft_dir)  # the test split (heldout_seen) before and after RL, sampled too
+    before, after = result["before"]["sampled_accuracy"], result["after"]["sampled_accuracy"]
+    assert start["accuracy"] == 0.0 and before > 0.0 and after > 0.0, (start["accuracy"], before, after)
+    assert result["after"]["tasks/pick_clean_then_place_in_recep"] == 8  # the per-type table's numbers
+    sft_weights, rl_weights = load_policy(sft_dir)[0].state_dict(), load_policy(tmp_path / "rl")[0].state_dict()
+    assert max(float((rl_weights[k] - sft_weights[k]).abs().max()) for k in sft_weights) > 1e-6
+    rows = [r for r in read_jsonl(tmp_path / "rl" / "metrics.jsonl") if "train/policy_loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["train/episodes"] == 16 for r in rows)

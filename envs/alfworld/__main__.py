@@ -5,9 +5,11 @@
         [--cache-dir DIR (default: a new temporary folder)]
     python -m envs.alfworld bench-play --split train --episodes 30 [--policy random|expert] [--density dense]
 
-bench-generate makes the first --games train-split candidates (all task types in turn) in a fresh
-cache, so its numbers come from new games; bench-play plays a split with the expert plan or
-uniformly random admissible commands and reports env steps/s.
+Every command takes --planner expert|fast_downward (env.planner; default expert). bench-generate
+makes the first --games train-split candidates (all task types in turn) in a fresh cache, so its
+numbers come from new games; bench-play plays a split with the expert plan or uniformly random
+admissible commands and reports env steps/s (with --density dense and a random policy, nearly
+every step asks the planner: the cost of dense rewards).
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ import time
 from collections import Counter
 
 from ..base import TRAIN_SPLIT, timed_play
-from .config import AlfWorldConfig
+from .config import TASK_TYPES, AlfWorldConfig
 from .env import AlfWorldEnv
 from .tasks import SPLITS, AlfWorldTasks
 
 
 def generate(args) -> dict:
     source = AlfWorldTasks(AlfWorldConfig(train_size=args.train_size, heldout_size=args.heldout_size,
-                                          workers=args.workers, cache_dir=args.cache_dir))
+                                          workers=args.workers, cache_dir=args.cache_dir, planner=args.planner,
+                                          task_types=args.task_types or list(TASK_TYPES)))
     sizes = {split: len(source.tasks(split)) for split in SPLITS}
     return {"folder": str(source.folder), "sizes": sizes, "generated": source.generated,
             "kept": sum(r.kept for r in source.reports), "dropped": sum(r.dropped for r in source.reports)}
@@ -35,7 +38,8 @@ def generate(args) -> dict:
 def bench_generate(args) -> dict:
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="alfworld_bench_")
     source = AlfWorldTasks(AlfWorldConfig(train_size=args.games, heldout_size=0, workers=args.workers,
-                                          cache_dir=cache_dir, progress=True, game_time_limit=args.time_limit))
+                                          cache_dir=cache_dir, progress=True, game_time_limit=args.time_limit,
+                                          planner=args.planner))
     start = time.perf_counter()
     source.tasks(TRAIN_SPLIT)
     seconds = time.perf_counter() - start
@@ -43,22 +47,25 @@ def bench_generate(args) -> dict:
     for report in source.reports:
         reasons.update(report.reasons)
     generated, kept = source.generated, sum(r.kept for r in source.reports)
-    return {"workers": args.workers, "time_limit_s": args.time_limit, "kept_games": kept, "generated": generated,
+    return {"planner": args.planner, "workers": args.workers, "time_limit_s": args.time_limit, "kept_games": kept,
+            "generated": generated,
             "seconds": round(seconds, 1),
             "games_per_s": round(generated / seconds, 3), "kept_per_s": round(kept / seconds, 3),
             "dropped_share": round(1 - kept / max(generated, 1), 4), "drop_reasons": dict(reasons)}
 
 
 def bench_play(args) -> dict:
+    # the games of the expert's cache, whichever planner plays them (the same games, so that the
+    # planners' step costs compare)
     config = AlfWorldConfig(train_size=args.episodes, heldout_size=args.episodes, cache_dir=args.cache_dir,
                             reward_density=args.density, max_turns=args.max_turns)
     tasks = AlfWorldTasks(config).tasks(args.split)[: args.episodes]
-    env = AlfWorldEnv(config)
+    env = AlfWorldEnv(config.model_copy(update={"planner": args.planner}))
     try:
         played = timed_play(env, tasks, follow_walkthrough=args.policy == "expert")
     finally:
         env.close()
-    return {"split": args.split, "policy": args.policy, "density": args.density, **played}
+    return {"split": args.split, "policy": args.policy, "density": args.density, "planner": args.planner, **played}
 
 
 def main(argv=None) -> None:
@@ -68,9 +75,11 @@ def main(argv=None) -> None:
     for name in ("generate", "bench-generate", "bench-play"):
         p = sub.add_parser(name)
         p.add_argument("--cache-dir", default=None if name == "bench-generate" else "data/alfworld")
+        p.add_argument("--planner", choices=["expert", "fast_downward"], default="expert")
         if name == "generate":
             p.add_argument("--train-size", type=int, default=600)
             p.add_argument("--heldout-size", type=int, default=120)
+            p.add_argument("--task-types", nargs="+", choices=TASK_TYPES, default=None, help="default: all six")
         if name != "bench-play":
             p.add_argument("--workers", type=int, default=1)
         if name == "bench-generate":

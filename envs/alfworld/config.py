@@ -66,9 +66,13 @@ class AlfWorldConfig(BaseEnvConfig):
                                                         "official); default $ALFWORLD_DATA")
     cache_dir: str = Field("data/alfworld", description="generated games go under it")
     workers: int = Field(1, ge=1, description="parallel processes generating games")
+    planner: Literal["expert", "fast_downward"] = Field(
+        "expert", description="what plans the games (generation's check, the expert plans, dense rewards, "
+        "demo detour recoveries): expert (expert.py, exact for the six task types, about a millisecond) "
+        "or fast_downward (textworld's blind search: seconds to minutes in a kitchen)")
     game_time_limit: float | None = Field(
-        120.0, gt=0, description="seconds one game may take to make and check (the planner is a blind "
-        "search: long plans in big rooms can take minutes); slower games are dropped. None: no limit, "
+        120.0, gt=0, description="seconds one game may take to make and check (with planner fast_downward, "
+        "long plans in big rooms can take minutes); slower games are dropped. None: no limit, "
         "and one worker generates in-process")
     progress: bool = Field(True, description="progress bar and summary line while generating")
 

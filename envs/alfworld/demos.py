@@ -5,8 +5,10 @@ reuses): {"turns": [{"observation", "action"}, ...], "final_observation", "won",
 "completion", "action_spans"}; the observations are exactly what the env shows. A `mistakes`
 fraction of the demos take one detour: at a random turn, a random admissible command (a verb
 first, then one of its commands), marked {"expert": False} and not trained on, then the planner's
-plan from the state the detour left, so the policy sees how to recover. Official games carry no
-plan: the planner's plan from the start is asked for when a demo needs it.
+plan from the state the detour left (env.expert_plan(): the config's planner, the exact expert of
+expert.py by default, planning from the game's current PDDL state), so the policy sees how to
+recover. Official games carry no plan: the planner's plan from the start is asked for when a demo
+needs it.
 """
 
 from __future__ import annotations

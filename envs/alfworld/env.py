@@ -18,9 +18,10 @@ ends when the game is won (this backend has no losing state) or after max_turns.
 Rewards (reward_density): sparse pays 1.0 on the winning step. dense pays a telescoping potential
 1 - (planner's remaining plan length) / (its length at the start), clipped at 0 and 1.0 once won:
 each step pays the change in potential, so an episode sums to at most 1 (to exactly 1.0 when won)
-and a detour that lengthens the plan costs what it undoes. The planner is asked only off the
-task's expert plan and after commands that can change what is left (see _plan_left): it is a blind
-search, from 0.1 s in a small room to a minute or more for long plans in a big kitchen.
+and a detour that lengthens the plan costs what it undoes. The planner (config `planner`: the
+exact expert of expert.py, about a millisecond, or fast-downward's blind search, from 0.1 s to a
+minute or more in a big kitchen) is asked only off the task's expert plan and after commands that
+can change what is left (see _plan_left), from the game's current PDDL state.
 info["reward_components"]: `progress` (what dense pays this step), `plan_left` (the planner's
 remaining steps, -1 when it finds none; dense only) and `goal`.
 """
@@ -59,7 +60,7 @@ class AlfWorldEnv(GameFileEnv):
         self.max_turns = config.max_turns
 
     def _load_game(self, path: str):
-        return start_game(path)
+        return start_game(path, self.config.planner)
 
     def _task_source(self):
         return AlfWorldTasks(self.config)
@@ -80,13 +81,13 @@ class AlfWorldEnv(GameFileEnv):
         if self._state.won:
             return []
         if self._plan is None:
-            self._plan = plan_from_here(self._game)
+            self._plan = plan_from_here(self._game, self.config.planner)
         return list(self._plan)
 
     def _plan_left(self, command: str, admissible_before: list[str]) -> int | None:
         """The planner's remaining plan length after `command` (None: it finds no plan). The
-        planner (a blind search: from 0.1 s to tens of seconds in a kitchen) is asked only off
-        the task's expert plan and only when the command can have changed what is left to do."""
+        planner is asked only off the task's expert plan and only when the command can have
+        changed what is left to do (fast-downward: from 0.1 s to tens of seconds in a kitchen)."""
         if self._state.won:
             return 0
         if command not in admissible_before or command.split()[0] in LOOKING_VERBS:

@@ -8,7 +8,9 @@ package ships, with ALFRED's own rules, for each (task type, floor plan, seed):
   receptacles  the receptacle instances of FloorPlanN-openable.json, at their own interaction
                points; a receptacle type the room has (FloorPlanN-objects.json) but that file
                does not place (stove burners, coffee machines, sink basins, ...) gets one
-               instance at a location of its own. Fridges, cabinets, drawers, ... start closed.
+               instance at a location of its own (a basin as "Sink|1|SinkBasin", the form
+               ALFWorld's demangler reads as "sinkbasin 1"). Fridges, cabinets, drawers, ...
+               start closed.
   objects      every pickupable type of the room (those ALFRED lets some receptacle hold),
                1..MAX_NUM_OF_OBJ_INSTANCES instances, each in a random receptacle that can hold
                it (VAL_RECEPTACLE_OBJECTS); lamps stand on a random table/desk/dresser
@@ -167,6 +169,8 @@ def _receptacles(floor_plan: int) -> dict[str, tuple[str, str]]:
         structure = [rid for rid in points if rid.split("|")[0] == BASIN_OF.get(rtype)]
         if structure:  # a basin reached from its sink's (bathtub's) point
             out[f"{structure[0]}|{rtype}"] = (rtype, _location(points[structure[0]]))
+        elif rtype in BASIN_OF:  # "Sink|1|SinkBasin": ALFWorld's demangler names it "sinkbasin 1"
+            out[f"{BASIN_OF[rtype]}|1|{rtype}"] = (rtype, f"loc|gen|{index}")
         else:
             out[f"{rtype}|1"] = (rtype, f"loc|gen|{index}")
     return out

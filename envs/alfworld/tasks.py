@@ -58,7 +58,7 @@ class AlfWorldTasks(TaskSource):
 
     def __init__(self, config: AlfWorldConfig):
         self.config = config
-        self.games = AlfWorldGames(config.cache_dir)
+        self.games = AlfWorldGames(config.cache_dir, config.planner)
         self.reports: list[AlfWorldReport] = []  # one per generation round, in order
         self._tasks: dict[str, list[dict]] = {}
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from agents.broadcast import add_uniform, allowed_keys, uniform_weights
 from rollout.kernels import compiled_decode_attention, onednn_linear_works, sdpa
 
 # oneDNN's linear ops on prepacked weights (None in builds without them; `onednn_linear_works` says)
@@ -103,12 +104,16 @@ class LlamaDecoder:
             compile_attention = p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16)
         self.attend_one = compiled_decode_attention(p.dtype) if compile_attention else None
         self._key = None  # the parameters' (pointer, version) when the weights were last read
+        # model.context_broadcast (agents/broadcast.py): each head adds the mean of the cached values
+        # over the keys its mask allows; the weights [n, 1, t, T] are made once per call
+        self.context_broadcast = bool(getattr(cfg, "context_broadcast", False))
+        self._uniform: torch.Tensor | None = None
 
     @staticmethod
     def supports(model: PreTrainedModel) -> bool:
         cfg = getattr(model, "config", None)
         return (
-            getattr(cfg, "model_type", None) == "llama"
+            getattr(cfg, "model_type", None) in ("llama", "turnstile_llama")  # the latter: context_broadcast
             and getattr(cfg, "hidden_act", None) == "silu"
             and getattr(cfg, "pretraining_tp", 1) in (1, None)
             and hasattr(model, "model") and hasattr(model, "lm_head")
@@ -162,6 +167,7 @@ class LlamaDecoder:
         before it are padding for all their rows). Returns the logits of the last position [n, V]."""
         x = F.embedding(input_ids, self.embed)  # [n, t, C]
         cos, sin = self._rope(x, position_ids)  # [n, t, 1, D] each
+        self._uniform = self._uniform_weights(mask, x.dtype) if self.context_broadcast else None
         # one query per row (decode steps, a prefill group of one-token suffixes) may take the
         # compiled kernel; longer prefills always SDPA
         attend = self.attend_one if input_ids.shape[1] == 1 and self.attend_one is not None else sdpa
@@ -180,6 +186,18 @@ class LlamaDecoder:
         cos, sin = self.rotary(x, position_ids)  # [n, t, D]
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         return cos[:, :, None], sin[:, :, None]  # broadcast over heads
+
+    def _uniform_weights(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """context_broadcast: uniform attention weights [n, 1, t, T] over the keys `mask` allows."""
+        return uniform_weights(allowed_keys(mask, mask.shape[-2], mask.shape[-1], mask.device), dtype)
+
+    @staticmethod
+    def _broadcast(o: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, segments) -> torch.Tensor:
+        """o [n, H, t, D] + the mean of `values` [n, KV, T, D] under `weights` (context_broadcast),
+        by the attention's row groups when it has them (the columns a group skips weigh 0)."""
+        if segments is None:
+            return add_uniform(o, weights, values)
+        return torch.cat([add_uniform(o[a:b], weights[a:b, :, :, c:], values[a:b, :, c:]) for a, b, c in segments])
 
     def _attention_block(self, x, w: LayerWeights, kv, cos, sin, mask, segments, attend) -> torch.Tensor:
         """x + attention(rms_norm(x)), storing this layer's new keys and values in `kv`."""
@@ -202,6 +220,8 @@ class LlamaDecoder:
                 attend(q[a:b], keys[a:b, :, c:], values[a:b, :, c:], mask[a:b, :, :, c:], w.attn_scale)
                 for a, b, c in segments
             ])  # [n, H, t, D]
+        if self._uniform is not None:
+            o = self._broadcast(o, self._uniform, values, segments)
         o = o.transpose(1, 2).reshape(n, t, H * D)
         if self.onednn:
             return _linear_binary(o, x, w.o, w.o_bias, "add")  # x + o_proj(o), one fused op

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from agents.broadcast import allowed_keys, uniform_weights
 from agents.mod import SKIPPED_VALUE, skipped_columns
 from rollout.decoders.llama import LayerWeights, LlamaDecoder, _linear_pointwise
 from rollout.kernels import sdpa
@@ -64,6 +65,7 @@ class ModDecoder(LlamaDecoder):
                  mask: torch.Tensor, segments: Sequence[tuple[int, int, int]] | None = None) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed)  # [n, t, C]
         cos, sin = self._rope(x, position_ids)
+        self._uniform = self._uniform_weights(mask, x.dtype) if self.context_broadcast else None  # dense layers'
         attend = self.attend_one if input_ids.shape[1] == 1 and self.attend_one is not None else sdpa
         for w, kv in zip(self.layers, kv_layers):
             if w.router is None:
@@ -117,6 +119,8 @@ class ModDecoder(LlamaDecoder):
                 attend(q[a:b], keys[a:b, :, c:], values[a:b, :, c:], mask[a:b, :, :, c:], w.attn_scale)
                 for a, b, c in segments
             ])  # [n, H, t, D]
+        if self.context_broadcast:  # the mean over this layer's keys: the skipped columns are out of it too
+            o = self._broadcast(o, uniform_weights(allowed_keys(mask, t, T, x.device), x.dtype), values, segments)
         o = o.transpose(1, 2).reshape(n * t, H * D)
         x = x.reshape(n * t, C)
         x_r, p = (x, p.view(n * t)) if everyone else (x[route], p.flatten()[route])  # skipped queries dropped

@@ -120,6 +120,8 @@ class MonarchDecoder(LlamaDecoder):
                 attend(q[a:b], keys[a:b, :, c:], values[a:b, :, c:], mask[a:b, :, :, c:], w.attn_scale)
                 for a, b, c in segments
             ])  # [n, H, t, D]
+        if self._uniform is not None:  # context_broadcast
+            o = self._broadcast(o, self._uniform, values, segments)
         return x + w.o_m(o.transpose(1, 2).reshape(n, t, H * D))
 
     def _mlp_block(self, x: torch.Tensor, w: MonarchLayerWeights) -> torch.Tensor:

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from agents.routed_attention import MODEL_TYPE, RoutingPlan, local_conv, plan_routing, route
+from agents.broadcast import uniform_weights
+from agents.routed_attention import MODEL_TYPE, RoutingPlan, broadcast_keys, local_conv, plan_routing, route
 from rollout.decoders.llama import LayerWeights, LlamaDecoder, _linear_binary, _linear_pointwise
 from rollout.kernels import sdpa
 
@@ -77,6 +78,10 @@ class RoutedAttentionDecoder(LlamaDecoder):
         finally:
             self._plan = None
 
+    def _uniform_weights(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """context_broadcast: the mean over every past real key, routed or not (routed_attention.broadcast_keys)."""
+        return uniform_weights(broadcast_keys(self._plan), dtype)
+
     def _attention_block(self, x, w: RoutedLayerWeights, kv, cos, sin, mask, segments, attend) -> torch.Tensor:
         """x + o_proj(routed attention + LePE), storing this layer's new keys and values in `kv`."""
         n, t, C = x.shape
@@ -108,6 +113,8 @@ class RoutedAttentionDecoder(LlamaDecoder):
             ])  # [n, H, t, D]
         if w.lepe is not None:  # the token's and the K-1 previous real values, gathered by column
             o = o + local_conv(values, plan, w.lepe, w.lepe_bias).repeat_interleave(H // KV, dim=1)
+        if self._uniform is not None:  # context_broadcast
+            o = self._broadcast(o, self._uniform, values, segments)
         o = o.transpose(1, 2).reshape(n, t, H * D)
         if self.onednn:
             return _linear_binary(o, x, w.o, w.o_bias, "add")  # x + o_proj(o), one fused op
