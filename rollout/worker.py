@@ -118,7 +118,9 @@ def init_ray(cfg: RayConfig) -> None:
     if cfg.address:
         ray.init(address=cfg.address, namespace=cfg.namespace, log_to_driver=False)
     else:
-        ray.init(num_cpus=cfg.num_cpus, namespace=cfg.namespace, include_dashboard=False, log_to_driver=False)
+        # address="local": a cluster of this job's own, even where another job's Ray runs on the machine
+        ray.init(address="local", num_cpus=cfg.num_cpus, namespace=cfg.namespace, include_dashboard=False,
+                 log_to_driver=False)
 
 
 def reserve(bundles: list[dict[str, float]], strategy: str, what: str, timeout_s: float, local: bool = False):
