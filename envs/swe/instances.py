@@ -31,6 +31,7 @@ check: FAIL_TO_PASS fail and PASS_TO_PASS pass on the instance's tree, then all 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -498,6 +499,7 @@ def plugin_dir() -> Path:
     if _PLUGIN_DIR is None or not (_PLUGIN_DIR / f"{PLUGIN_NAME}.py").exists():
         folder = Path(tempfile.mkdtemp(prefix="turnstile-swe-plugin-"))
         (folder / f"{PLUGIN_NAME}.py").write_text(PLUGIN_SOURCE, encoding="utf-8")
+        atexit.register(shutil.rmtree, folder, True)
         _PLUGIN_DIR = folder
     return _PLUGIN_DIR
 

@@ -244,8 +244,10 @@ def make_repo(project: Project, repos_dir: Path) -> tuple[Path, str]:
     else:
         shutil.copytree(src, tmp, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "*.pyc"))
-    for junk in list(tmp.rglob("__pycache__")) + list(tmp.rglob("*.pyc")):
-        shutil.rmtree(junk, ignore_errors=True) if junk.is_dir() else junk.unlink()
+    for junk in sorted(tmp.rglob("__pycache__")):
+        shutil.rmtree(junk, ignore_errors=True)
+    for junk in sorted(tmp.rglob("*.pyc")):
+        junk.unlink(missing_ok=True)
     git(["init", "-q"], tmp)
     git(["add", "-A", "-f"], tmp)
     git(["commit", "-q", "--no-verify", "-m", f"{project.name} {project.version}"], tmp)
@@ -379,6 +381,7 @@ def _synth_unit(ctx: _Project, unit: mutations.Unit) -> dict:
     clean_bytes = source.encode("utf-8")
     rng = random.Random(f"{s.seed}/{p.name}/{unit.key}")
     order = _order([x for x in mutations.sites(source, unit) if x.kind in s.kinds], rng)
+    start = time.perf_counter()
     kept, reasons, seen, tried = [], Counter(), set(), 0
     clean_pass: set[str] | None = None  # the tests that pass on the clean tree, run just as the bugs are
     slot = ctx.slots.get()
@@ -433,7 +436,8 @@ def _synth_unit(ctx: _Project, unit: mutations.Unit) -> dict:
         reasons[f"error: {str(e)[:200]}"] += 1
     finally:
         ctx.slots.put(slot)
-    return {"unit": unit.key, "tried": tried, "kept": kept, "reasons": dict(reasons)}
+    return {"unit": unit.key, "tried": tried, "kept": kept, "reasons": dict(reasons),
+            "seconds": round(time.perf_counter() - start, 3)}
 
 
 def _timeout(ctx: _Project, tests: list[str]) -> float:
@@ -606,6 +610,8 @@ def synthesize(projects: list[Project], out_dir: str | Path, seed: int | None = 
                         "final_check": round(t_final, 2)},
             "attempts_per_s": round(attempts / t_synth, 3) if t_synth and pending else None,
             "instances_per_s": round(len(instances) / t_synth, 3) if t_synth and pending else None,
+            # per worker, from each function's own time (also right for a resumed run)
+            "worker_seconds": round(sum(r.get("seconds", 0.0) for r in results), 1),
         }
         all_instances += instances
     shutil.rmtree(folder / "work", ignore_errors=True)
