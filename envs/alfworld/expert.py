@@ -12,15 +12,17 @@ in a kitchen). The task types have a fixed shape, so this planner searches a muc
            o with a" (go to the appliance), "use lamp" (go to its stand), and, for the look task
            once a lamp is on, "go to" its stand
 
-and runs a uniform-cost search over it (Dijkstra, ties broken in a fixed order, so the plan is a
-pure function of the state). Every other action of the domain is useless for these goals (look,
-examine, inventory and close change nothing a goal or precondition reads; taking a non-target
-object, or toggling anything but the task's lamp, leads nowhere), and an open can always be
-moved to just before the take or put it serves, so a shortest plan of the real game is a
-sequence of these macros: the search is exact, not a heuristic. Where an object is put down
-only to free the hands, the candidates are one receptacle per location that matters (the
-agent's, a target's, a goal receptacle's, an appliance's, a lamp's; the one needing no open when
-there is one) plus one elsewhere — all other places are interchangeable with one of those.
+and runs A* over it with an admissible bound (the puts, takes and clean/heat/cool/switch-on the
+goal still needs, plus a move when the last action cannot happen here), ties broken in a fixed
+order, so the plan is a pure function of the state. Every other action of the domain is useless
+for these goals (look, examine, inventory and close change nothing a goal or precondition reads;
+taking a non-target object, or toggling anything but the task's lamp, leads nowhere), and an open
+can always be moved to just before the take or put it serves, so a shortest plan of the real
+game is a sequence of these macros: the search is exact, not a heuristic. Where an object is put
+down only to free the hands, the candidates are the receptacles that hold a target or are goal
+receptacles (opening one now can serve a later take or put), and of the others one per location
+that matters (the agent's, a target's, a goal receptacle's, an appliance's, a lamp's; one
+needing no open when there is one) plus one elsewhere — the rest are interchangeable with those.
 
 Costs are those of the game's planner: without a `(:metric ...)` in the problem (the generated
 games, and fast-downward's default) every action costs 1, so the plan is a shortest one; with a
