@@ -105,7 +105,8 @@ def summarize(trajs, stats: dict) -> dict:
 def episode_records(trajs) -> list[dict]:
     """One record per played episode (the eval files' `records`)."""
     return [{"task": t.task, "won": t.won, "return": t.episode_return, "turns": t.turns,
-             "policy_tokens": t.num_policy_tokens, "truncated": t.truncated, "infra_error": t.infra_error}
+             "policy_tokens": t.num_policy_tokens, "truncated": t.truncated, "infra_error": t.infra_error,
+             **({"episode_stats": t.episode_stats} if t.episode_stats else {})}
             for t in trajs]
 
 
@@ -152,6 +153,22 @@ def print_summary(title: str, rows: dict[str, dict]) -> None:
         for name, group, tasks, success in groups:
             table.add_row(name, group, "" if tasks is None else str(tasks), f"{success:.1%}")
         console.print(table)
+    for name, stat, parts in shares(rows):  # e.g. SWE's tool-call mix
+        console.print(f"{name} {stat}: " + ", ".join(f"{part} {value:.0%}" for part, value in parts))
+
+
+def shares(rows: dict[str, dict]) -> list[tuple[str, str, list[tuple[str, float]]]]:
+    """(split, stat, [(part, share)]) for the `<stat>_share/<part>` keys an env's eval_stats adds
+    (SWE: tool_share/<tool>, the tool-call mix), largest share first."""
+    out = []
+    for name, s in rows.items():
+        found: dict[str, list[tuple[str, float]]] = {}
+        for key, value in s.items():
+            head, _, part = key.partition("/")
+            if head.endswith("_share") and part and isinstance(value, (int, float)):
+                found.setdefault(head[: -len("_share")], []).append((part, float(value)))
+        out += [(name, stat, sorted(parts, key=lambda p: -p[1])) for stat, parts in found.items()]
+    return out
 
 
 def breakdown(rows: dict[str, dict]) -> list[tuple[str, str, int | None, float]]:

@@ -27,6 +27,12 @@ from algos.sft import Example, train_sft
 
 
 def gen_data(exp: Experiment) -> Path:
+    """Data preparation: the env's own (SWE fetches its pinned projects and synthesizes; the only
+    step that may download), then the task splits and demonstrations."""
+    env_stats = envs.prepare(exp.env.name, **exp.env_options())
+    if env_stats:
+        top = {k: v for k, v in env_stats.items() if not isinstance(v, (dict, list))}
+        tqdm.write(f"{exp.env.name} data prepared: {json.dumps(top)}")
     folder = prepare_data(exp)
     print(json.dumps(json.loads((folder / "stats.json").read_text()), indent=2))
     return folder

@@ -222,6 +222,9 @@ class EnvSpec:
     demo_stats: Callable[[list[dict]], dict] | None = None
     # statistics of an evaluation's records (summary keys), e.g. the commonest failure kinds
     eval_stats: Callable[[list[dict]], dict] | None = None
+    # data preparation beyond the task splits (`launch.py gen-data` only, the one step that may
+    # download): (validated config, progress) -> stats or None; e.g. SWE's fetch and synthesis
+    prepare: Callable[[BaseModel, bool], dict | None] | None = None
 
 
 _REGISTRY: dict[str, EnvSpec] = {}
@@ -231,12 +234,13 @@ def register(name: str, env_cls: type[TextEnv], config_cls: type[BaseModel], tas
              *, format: Format, demos: DemoBuilder | None = None,
              demo_options: type[DemoOptions] = DemoOptions,
              demo_stats: Callable[[list[dict]], dict] | None = None,
-             eval_stats: Callable[[list[dict]], dict] | None = None) -> None:
+             eval_stats: Callable[[list[dict]], dict] | None = None,
+             prepare: Callable[[BaseModel, bool], dict | None] | None = None) -> None:
     """Make an env constructible by name. The env and task classes take one validated config."""
     if name in _REGISTRY and _REGISTRY[name].env_cls is not env_cls:
         raise ValueError(f"env {name!r} is already registered to {_REGISTRY[name].env_cls}")
     _REGISTRY[name] = EnvSpec(name, env_cls, config_cls, tasks_cls, format, demos, demo_options,
-                              demo_stats, eval_stats)
+                              demo_stats, eval_stats, prepare)
 
 
 def closest(word: Any, choices: list[str], cutoff: float = 0.6) -> str | None:
@@ -346,6 +350,12 @@ def make(name: str, config: BaseModel | dict | None = None, /, **cfg: Any) -> Te
 def make_tasks(name: str, config: BaseModel | dict | None = None, /, **cfg: Any) -> TaskSource:
     """Build the task source of env `name` from the same config values as make()."""
     return spec(name).tasks_cls(validate_config(name, config, **cfg))
+
+
+def prepare(name: str, config: BaseModel | dict | None = None, /, progress: bool = True, **cfg: Any) -> dict | None:
+    """Env `name`'s own data preparation (launch.py gen-data), if it has one: its stats, else None."""
+    hook = spec(name).prepare
+    return hook(validate_config(name, config, **cfg), progress) if hook is not None else None
 
 
 def timed_play(env: TextEnv, tasks: list[dict], follow_walkthrough: bool, seed: int = 0) -> dict[str, float]:

@@ -275,6 +275,8 @@ class EpisodeRunner:
                 tr.infra_error = str(info["infra_error"])
             tr.add_turn_reward(reward)
             tr.won = bool(info.get("won", False))
+            if "episode_stats" in info:
+                tr.episode_stats = dict(info["episode_stats"])
             if terminated or truncated or tr.infra_error:
                 if truncated and not terminated:
                     tr.truncated = "max_turns"

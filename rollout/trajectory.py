@@ -40,6 +40,9 @@ class Trajectory:
     # the policy version (learner updates applied) whose weights sampled each turn: rollout.mode=async
     # plays with weights one or more updates behind the learner's (rollout.max_staleness)
     policy_versions: list[int] = field(default_factory=list)
+    # what the env counted over the episode (its last info's "episode_stats", e.g. SWE's tool
+    # calls): the eval records carry it to the env's eval_stats
+    episode_stats: dict[str, float] = field(default_factory=dict)
 
     @property
     def staleness_base(self) -> int | None:

@@ -289,9 +289,64 @@ def test_detour_demo_is_seen_failing_and_undone(world):
     demos = list(envs.demonstrations("swe", envs.make_tasks("swe", **cfg(world)), "train", 1, mistakes=1.0))
     spec = envs.spec("swe")
     assert len(demos) == 1 and spec.demo_stats(demos)["detour_share"] == 1.0
-    recs = [{"task": {"repo": "toy/calc"}, "won": True}, {"task": {"repo": "toy/calc"}, "won": False},
-            {"task": {"repo": "toy/calc"}, "won": True, "infra_error": "x"}]
-    assert spec.eval_stats(recs) == {"resolved/toy/calc": 0.5, "tasks/toy/calc": 2}
+    recs = [{"task": {"repo": "toy/calc"}, "won": True, "episode_stats": {"calls/view": 3, "calls/submit": 1}},
+            {"task": {"repo": "toy/calc"}, "won": False, "episode_stats": {"calls/malformed": 4}},
+            {"task": {"repo": "toy/calc"}, "won": True, "infra_error": "x", "episode_stats": {"calls/bash": 9}}]
+    assert spec.eval_stats(recs) == {"success/toy/calc": 0.5, "tasks/toy/calc": 2, "tool_share/malformed": 0.5,
+                                     "tool_share/submit": 0.125, "tool_share/view": 0.375}
+
+
+def test_launch_eval_prints_the_resolve_rate_per_repo_and_the_tool_mix(capsys):
+    from algos.evaluate import print_summary
+
+    records = [{"task": {"repo": "a/x"}, "won": True, "episode_stats": {"calls/run_tests": 2, "calls/submit": 1}},
+               {"task": {"repo": "b/y"}, "won": False, "episode_stats": {"calls/view": 1}}]
+    summary = {"tasks": 2, "accuracy": 0.5, "mean_tokens": 40.0, "truncated": 0.0, "tokens_per_s": 100.0,
+               "seconds": 1.0, "mean_turns": 2.0, **envs.spec("swe").eval_stats(records)}
+    print_summary("swe: heldout", {"heldout": summary})
+    out = capsys.readouterr().out
+    table = out[out.index("success per group"):]
+    assert "a/x" in table and "100.0%" in table and "b/y" in table and "0.0%" in table
+    assert "heldout tool: run_tests 50%, submit 25%, view 25%" in out
+
+
+def test_an_episode_counts_its_tool_calls(world):
+    """The last info's episode_stats: what the eval's tool-call mix is made of."""
+    out = play(world, ["run_tests\n" + END, "no such tool\n" + END, "view calc.py\n" + END, "submit\n" + END])
+    assert out[-1][2]  # submitted
+    assert out[-1][4]["episode_stats"] == {"calls/malformed": 1, "calls/run_tests": 1, "calls/submit": 1,
+                                           "calls/view": 1}
+    assert "episode_stats" not in out[1][4]  # only the episode's end carries the counts
+
+
+def test_gen_data_hook_synthesizes_with_the_config(world, monkeypatch):
+    """launch.py gen-data calls the env's prepare hook with the recipe's projects and settings (the
+    synthesis itself is tests/test_swe_synth.py's); a user's instances file needs none."""
+    import envs.swe.synth as synth
+
+    seen = {}
+
+    def fake_prepare(cache_dir, projects, workers, progress, settings):
+        seen.update(cache_dir=cache_dir, projects=[p.name for p in projects], workers=workers, settings=settings)
+        return synth.SynthResult(world["root"], [], {"instances": 0})
+
+    monkeypatch.setattr(synth, "prepare", fake_prepare)
+    stats = envs.prepare("swe", cache_dir="somewhere", projects=["toolz", "tabulate"], gen_workers=3,
+                         synth={"max_functions": 5, "seed": 7}, progress=False)
+    assert stats == {"instances": 0}
+    assert seen["cache_dir"] == "somewhere" and seen["projects"] == ["toolz", "tabulate"] and seen["workers"] == 3
+    assert seen["settings"].max_functions == 5 and seen["settings"].seed == 7
+    assert envs.prepare("swe", **cfg(world)) is None
+    assert envs.prepare("countdown") is None  # an env with no preparation of its own
+
+
+def test_bad_synthesis_settings_are_named(world):
+    with pytest.raises(envs.EnvConfigError, match="projects.*nosuchproject"):
+        envs.make_tasks("swe", projects=["nosuchproject"])
+    with pytest.raises(envs.EnvConfigError, match="kinds.*flip_everything"):
+        envs.make_tasks("swe", synth={"kinds": ["flip_everything"]})
+    with pytest.raises(envs.EnvConfigError, match="max_function"):
+        envs.make_tasks("swe", synth={"max_function": 3})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,3 +383,94 @@ def test_env_contract(world):
     assert all(isinstance(v, float) for v in info["reward_components"].values())
     assert isinstance(info["admissible_actions"], list)
     env.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning: SFT -> RL on a tiny family of instances
+
+
+def ops_world(root):
+    """repos/toy__ops: 24 functions `f{k}(x)` (y = x + k; return y) and a test each; instance k's
+    bug negates f{k}'s return. Train: k not a multiple of 4 (18), heldout: the multiples (6)."""
+    repo = root / "repos" / "toy__ops"
+    (repo / "tests").mkdir(parents=True)
+    git("init", "-q", "-b", "main", cwd=repo)
+    ks = range(1, 25)
+    clean = "".join(f"def f{k}(x):\n    y = x + {k}\n    return y\n\n\n" for k in ks)
+    (repo / "ops.py").write_text(clean)
+    (repo / "tests" / "test_ops.py").write_text(
+        "import ops\n\n\n" + "".join(f"def test_f{k}():\n    assert ops.f{k}(1) == {1 + k}\n\n\n" for k in ks))
+    git("add", "-A", cwd=repo)
+    git("commit", "-qm", "clean", cwd=repo)
+    insts = []
+    for k in ks:
+        git("checkout", "-q", "main", cwd=repo)
+        (repo / "ops.py").write_text(clean.replace(f"    y = x + {k}\n    return y\n", f"    y = x + {k}\n    return -y\n"))
+        git("checkout", "-q", "-b", f"bug{k}", cwd=repo)
+        git("commit", "-qam", "bug", cwd=repo)
+        insts.append({"instance_id": f"toy__ops-{k}", "repo": "toy/ops", "base_commit": git("rev-parse", "HEAD", cwd=repo),
+                      "problem_statement": f"FAILED tests/test_ops.py::test_f{k}: assert ops.f{k}(1) == {1 + k}, got {-1 - k}",
+                      "hints_text": "", "patch": git("diff", "HEAD", "main", cwd=repo) + "\n", "test_patch": "",
+                      "FAIL_TO_PASS": [f"tests/test_ops.py::test_f{k}"], "PASS_TO_PASS": [f"tests/test_ops.py::test_f{k % 24 + 1}"],
+                      "version": "1", "created_at": "2000-01-01T00:00:00Z", "split": "heldout" if k % 4 == 0 else "train"})
+    path = root / "instances.jsonl"
+    path.write_text("".join(json.dumps(i) + "\n" for i in insts))
+    return path
+
+
+def test_short_sft_then_rl_resolves_bugs_in_functions_it_did_not_train_on(tmp_path):
+    # From scratch: SFT on the scripted expert's episodes of the 18 train instances (some with a
+    # detour), then a few GRPO iterations, scored on the 6 heldout instances, whose bugs sit in
+    # functions no train instance touched. The untrained policy (sampling) resolves none; after
+    # SFT -> RL some are resolved greedily (measured while writing it: 50% greedy, 33% sampled
+    # after SFT; RL's three iterations on 6 tasks are too few to move it measurably, as for ALFWorld).
+    from rl_helpers import tiny_policy
+
+    from algos import recipes
+    from algos.checkpoint import load_policy
+    from algos.config import load_config
+    from algos.data import prepare_data, read_jsonl
+    from algos.evaluate import evaluate_episodes
+    from algos.rl import train_rl
+    from algos.sft import train_sft
+
+    instances = ops_world(tmp_path / "w")
+    recipe = tmp_path / "swe_tiny.yaml"
+    recipe.write_text(f"""
+name: swe_tiny
+seed: 0
+out_dir: {tmp_path / 'rl'}
+data_dir: {tmp_path / 'data'}
+env: {{name: swe, instances_file: {instances}, repos_dir: {tmp_path / 'w' / 'repos'}, show_tools: false, max_turns: 8}}
+tokenizer: {{vocab_size: 300}}
+model: {{hidden_size: 64, num_layers: 2, num_heads: 2, max_seq_len: 1024}}
+runtime: {{device: cpu}}
+sft: {{demos: {{num_examples: 18, mistakes: 0.5}}, steps: 300, batch_size: 4, lr: 3.0e-3, warmup_steps: 5,
+      log_every: 50, save_every: 300}}
+eval: {{split: heldout, num_tasks: 6}}
+reward: {{density: dense}}
+rl: {{algo: grpo, init_from: {tmp_path / 'sft'}, iterations: 2, tasks_per_iter: 4, group_size: 4, epochs: 1,
+     minibatch_size: 16, micro_batch_size: 8, lr: 3.0e-4, eval_every: 0, eval_samples: 1, save_every: 2}}
+rollout: {{num_workers: 0, max_turn_tokens: 48, temperature: 1.0}}
+""")
+    exp = load_config(recipe)
+    source = envs.make_tasks("swe", **exp.env_options())
+    unseen = source.tasks("heldout")
+    train_functions = {t["problem_statement"].split("::")[1].split(":")[0] for t in source.tasks("train")}
+    assert len(unseen) == 6 and not {t["problem_statement"].split("::")[1].split(":")[0] for t in unseen} & train_functions
+    sft_dir = tmp_path / "sft"
+    demos = read_jsonl(prepare_data(exp, progress=False) / "train_demos.jsonl")
+    assert len(demos) == 18 and all(d["won"] for d in demos)
+    tok = recipes.build_tokenizer(exp, demos, sft_dir)
+    sampled = exp.eval.model_copy(update={"temperature": 1.0})
+    start, _ = evaluate_episodes(tiny_policy(tok, hidden=64).eval(), tok, "swe", exp.env_options(), unseen,
+                                 sampled, exp.rollout, exp.model.max_seq_len)
+    train_sft(exp, recipes.build_examples(exp, demos, tok), tok, sft_dir, progress=False)
+    result = train_rl(exp, sft_dir)  # the heldout split before and after RL, greedy and sampled
+    assert start["accuracy"] == 0.0 and result["after"]["accuracy"] > 0.0, (start["accuracy"], result["after"])
+    assert result["after"]["tasks/toy/ops"] == 6 and result["after"]["success/toy/ops"] == result["after"]["accuracy"]
+    assert result["after"]["tool_share/str_replace"] > 0.0  # the mix the eval prints
+    sft_weights, rl_weights = load_policy(sft_dir)[0].state_dict(), load_policy(tmp_path / "rl")[0].state_dict()
+    assert max(float((rl_weights[k] - sft_weights[k]).abs().max()) for k in sft_weights) > 1e-6
+    rows = [r for r in read_jsonl(tmp_path / "rl" / "metrics.jsonl") if "train/policy_loss" in r]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["train/episodes"] == 16 for r in rows)

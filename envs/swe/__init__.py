@@ -20,5 +20,14 @@ from .demos import SweDemoOptions, demo_stats, eval_stats, task_demonstrations
 from .env import SweEnv, SweTasks
 from .format import ToolFormat
 
+
+
+def prepare(config: SweConfig, progress: bool = True) -> dict | None:
+    """launch.py gen-data: fetch the pinned projects and synthesize (envs/swe/synth.py)."""
+    from .synth import prepare_config  # pytest and the synthesis machinery: only when preparing
+
+    return prepare_config(config, progress)
+
+
 register("swe", SweEnv, SweConfig, SweTasks, format=ToolFormat(), demos=task_demonstrations,
-         demo_options=SweDemoOptions, demo_stats=demo_stats, eval_stats=eval_stats)
+         demo_options=SweDemoOptions, demo_stats=demo_stats, eval_stats=eval_stats, prepare=prepare)

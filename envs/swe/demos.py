@@ -178,7 +178,8 @@ def demo_stats(demos: list[dict]) -> dict:
 
 
 def eval_stats(records: list[dict]) -> dict:
-    """Resolve rate and instances per repository (`resolved/<repo>`, `tasks/<repo>`); infra errors unscored."""
+    """Resolve rate and instances per repository (`success/<repo>`, `tasks/<repo>`: the eval's
+    per-group table) and the tool-call mix (`tool_share/<tool>`); infra errors unscored."""
     wins: dict[str, int] = {}
     counts: dict[str, int] = {}
     for r in records:
@@ -189,6 +190,16 @@ def eval_stats(records: list[dict]) -> dict:
         wins[repo] = wins.get(repo, 0) + bool(r.get("won"))
     out: dict = {}
     for repo in sorted(counts):
-        out[f"resolved/{repo}"] = wins[repo] / counts[repo]
+        out[f"success/{repo}"] = wins[repo] / counts[repo]
         out[f"tasks/{repo}"] = counts[repo]
+    # the tool-call mix: each tool's share of all calls of the scored episodes
+    calls: dict[str, float] = {}
+    for r in records:
+        if not r.get("infra_error"):
+            for key, n in (r.get("episode_stats") or {}).items():
+                if key.startswith("calls/"):
+                    calls[key[len("calls/"):]] = calls.get(key[len("calls/"):], 0) + n
+    total = sum(calls.values())
+    for tool in sorted(calls):
+        out[f"tool_share/{tool}"] = calls[tool] / total
     return out

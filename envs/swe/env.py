@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 from ..base import TRAIN_SPLIT, VALID_SPLIT, TaskSource, TextEnv, make_info
@@ -54,9 +55,11 @@ class SweTasks(TaskSource):
             self.repos_dir = Path(config.repos_dir)
             self._instances = [self._with_split(i) for i in load_instances(config.instances_file, self.repos_dir)]
         else:
+            from .projects import pinned
             from .synth import open_synthetic  # heavy-ish: only when the cache is used
 
-            source = open_synthetic(config.cache_dir)  # MissingDataError naming launch.py gen-data
+            # MissingDataError naming launch.py gen-data when these settings were never synthesized
+            source = open_synthetic(config.cache_dir, pinned(config.projects), config.synth)
             self.repos_dir = source.repos_dir
             self._instances = [i for s in SPLITS for i in source.tasks(s)]
         for inst in self._instances:
@@ -181,6 +184,7 @@ class SweEnv(TextEnv):
         self.wt = Worktree.create(self.repo, task["base_commit"])
         self.tools = Tools(self.wt, task, self.config)
         self.turns, self._over = 0, False
+        self.calls: Counter[str] = Counter()  # tool calls this episode ("malformed": unparsed)
         text = f"Repository: {task['repo']}\n\nIssue:\n{task['problem_statement'].strip()}"
         if task.get("hints_text"):
             text += f"\n\nHints:\n{task['hints_text'].strip()}"
@@ -201,7 +205,9 @@ class SweEnv(TextEnv):
         except (ParseError, ToolError) as e:
             text, error = f"error: {e}", str(e)
         except SandboxError as e:
+            self.calls[tool or "malformed"] += 1
             return self._end_infra(f"sandbox: {e}", tool)
+        self.calls[tool or "malformed"] += 1
         if tool == "submit" or self.turns >= self.max_turns:
             return self._finish(tool == "submit", text, tool)
         info = make_info(False, {}, [], turn=self.turns, max_turns=self.max_turns, tool=tool, tool_error=error)
@@ -226,15 +232,19 @@ class SweEnv(TextEnv):
         obs = verdict if submitted else clip(text, self.config.output_chars) + "\n\n(out of turns) " + verdict
         info = make_info(won, comps, [], turn=self.turns, max_turns=self.max_turns, tool=tool,
                          submitted=submitted, patch=patch, excluded_test_files=result["excluded"],
-                         outcomes=result["outcomes"])
+                         outcomes=result["outcomes"], episode_stats=self._episode_stats())
         return obs, float(reward), submitted, not submitted, info
 
     def _end_infra(self, why: str, tool: str | None, **extra):
         self._over = True
         self.close()
-        info = make_info(False, {}, [], turn=self.turns, max_turns=self.max_turns, tool=tool, error=why, **extra)
+        info = make_info(False, {}, [], turn=self.turns, max_turns=self.max_turns, tool=tool, error=why,
+                         episode_stats=self._episode_stats(), **extra)
         info["infra_error"] = why
         return "", 0.0, False, True, info
+
+    def _episode_stats(self) -> dict[str, int]:
+        return {f"calls/{tool}": n for tool, n in sorted(self.calls.items())}
 
     def close(self) -> None:
         if self.wt is not None:

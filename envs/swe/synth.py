@@ -64,10 +64,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from queue import Queue
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from ..base import TRAIN_SPLIT, VALID_SPLIT, TaskSource
 from . import mutations
+from .config import SweConfig, SynthSettings
 from .instances import (
     InstanceError,
     TestRun,
@@ -85,26 +84,6 @@ HELDOUT = "heldout"
 SPLITS = (TRAIN_SPLIT, VALID_SPLIT, HELDOUT)
 CREATED_AT = "2000-01-01T00:00:00Z"
 BASE_MESSAGE = "base"
-
-
-class SynthSettings(BaseModel):
-    """What decides the instances (all of it goes into the cache key)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    seed: int = 0
-    max_per_function: int = Field(2, ge=1, description="bugs kept per function at most")
-    max_candidates: int = Field(6, ge=1, description="mutations run against the tests per function at most")
-    kinds: tuple[str, ...] = mutations.KINDS
-    max_tests: int = Field(200, ge=1, description="covering tests run per mutation (the most specific)")
-    max_fail_to_pass: int = Field(20, ge=1)
-    max_pass_to_pass: int = Field(30, ge=0)
-    max_test_seconds: float = Field(2.0, gt=0, description="slower tests are never used")
-    max_functions: int | None = Field(None, ge=1, description="per project, for quick runs")
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    timeout_base_s: float = Field(20.0, description="a run's time limit: this plus timeout_factor times "
-                                  "the tests' clean durations")
-    timeout_factor: float = 10.0
 
 
 @dataclass
@@ -680,6 +659,18 @@ def prepare(cache_dir: str | Path, projects: list[Project] | None = None, worker
     settings = settings or SynthSettings()
     resolved = fetch_projects(cache_dir, projects)
     return synthesize(resolved, cache_dir, workers=workers, progress=progress, settings=settings)
+
+
+def prepare_config(config: SweConfig, progress: bool = True) -> dict | None:
+    """`launch.py gen-data` for env swe: fetch the config's pinned projects (hashes checked) and
+    synthesize their instances with its settings (cached, resumable). A user's instances file
+    (env.instances_file) needs neither: None."""
+    if config.instances_file:
+        return None
+    res = prepare(config.cache_dir, pinned(config.projects), workers=config.gen_workers, progress=progress,
+                  settings=config.synth)
+    print(f"swe: {len(res.instances)} instances in {res.folder}")
+    return res.stats
 
 
 def main(argv: list[str] | None = None) -> None:
