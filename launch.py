@@ -10,6 +10,9 @@
                               [--steps N] [--width W] [--baseline runs/dense]
     python launch.py convert  configs/countdown3_sos.yaml --from runs/countdown3_sos --out runs/factor \
                               [--steps N] [model.arch=factor +model.num_experts=8 +model.top_k=4]
+    python launch.py sweep    configs/textworld_cooking_dense.yaml reward.density=sparse,dense rl.algo=ppo,grpo
+    python launch.py plot     runs/a runs/b [--out runs/ab.png]
+    python launch.py show     runs/a [--failed] [--task ID]       # the episodes' conversations
 
 Overrides use dotted keys, e.g. `sft.steps=200 model.hidden_size=256 env.num_inputs=4`.
 """
@@ -59,6 +62,21 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--steps", type=int, default=200, help="router training steps (default 200)")
     cv.add_argument("--lm-loss", action="store_true", help="train the routers on the LM loss too (default: the "
                     "PA and balance losses only)")
+    sw = sub.add_parser("sweep", help="run a grid of one recipe (key=a,b axes), resumable; one table and plot")
+    sw.add_argument("config", help="a YAML recipe")
+    sw.add_argument("overrides", nargs="*", help="key=a,b,... (an axis) or key=value (every run)")
+    sw.add_argument("--out", help="the sweep folder (default runs/sweep_<recipe name>)")
+    sw.add_argument("--ray", action="store_true", help="run the points as Ray tasks (ray.address joins a cluster)")
+    sw.add_argument("--cpus-per-run", type=float, default=1.0, help="with --ray: CPUs each point's task holds")
+    pl = sub.add_parser("plot", help="a PNG of success, reward, KL, entropy and clip fraction per iteration")
+    pl.add_argument("runs", nargs="+", help="run folders (their metrics.jsonl and config.yaml)")
+    pl.add_argument("--out", help="the PNG (default: <first run>/plot.png)")
+    sh = sub.add_parser("show", help="print evaluated episodes' conversations (an eval file or a run folder)")
+    sh.add_argument("results", help="an eval/*.json file, or a run folder (its newest)")
+    sh.add_argument("--failed", action="store_true", help="only the episodes not won")
+    sh.add_argument("--task", help="one episode: its index or task id")
+    sh.add_argument("--limit", type=int, help="at most this many episodes")
+    sh.add_argument("--max-chars", type=int, default=2000, help="cut longer texts in the middle (0: never)")
     return p
 
 
@@ -72,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"{args.command} takes no key=value overrides: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     import transformers
 
@@ -82,6 +102,23 @@ def main(argv: list[str] | None = None) -> int:
     from envs import EnvConfigError
 
     try:
+        if args.command == "show":
+            from algos.show import show
+
+            show(args.results, failed=args.failed, task=args.task, limit=args.limit, max_chars=args.max_chars)
+            return 0
+        if args.command == "plot":
+            from algos.plot import plot_runs
+
+            out = args.out or f"{args.runs[0]}/plot.png"
+            plot_runs(args.runs, out)
+            print(out)
+            return 0
+        if args.command == "sweep":
+            from algos.sweep import sweep
+
+            sweep(args.config, args.overrides, out_dir=args.out, use_ray=args.ray, cpus_per_run=args.cpus_per_run)
+            return 0
         exp = load_config(args.config, args.overrides)
         if args.command == "gen-data":
             recipes.gen_data(exp)

@@ -106,7 +106,8 @@ def episode_records(trajs) -> list[dict]:
     """One record per played episode (the eval files' `records`)."""
     return [{"task": t.task, "won": t.won, "return": t.episode_return, "turns": t.turns,
              "policy_tokens": t.num_policy_tokens, "truncated": t.truncated, "infra_error": t.infra_error,
-             **({"episode_stats": t.episode_stats} if t.episode_stats else {})}
+             "end": t.end, **({"episode_stats": t.episode_stats} if t.episode_stats else {}),
+             "transcript": t.transcript}
             for t in trajs]
 
 

@@ -135,8 +135,10 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
         held_out = dict(samples=cfg.eval_samples, temperature=exp.rollout.temperature)
         before = state.get("before", before)
         if before is None:
-            before, _ = evaluate_pool(pool, eval_tasks, seed=episode_seed(exp.seed, "eval", 0), env_name=exp.env.name,
-                                      **held_out)
+            before, records = evaluate_pool(pool, eval_tasks, seed=episode_seed(exp.seed, "eval", 0),
+                                            env_name=exp.env.name, **held_out)
+            save_eval(run_dir / "eval" / f"{split}_before_rl.json", before, records,
+                      {"checkpoint": str(init), "split": split})
             tqdm.write(f"before RL, {split}: {held_out_line(before)}")
         elif cfg.eval_samples and "sampled_accuracy" not in before:  # the SFT stage's greedy eval
             before = {**before, "sampled_accuracy": sampled_success(
@@ -186,8 +188,10 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
 
             done = it + 1
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.iterations:
-                last, _ = evaluate_pool(pool, valid_tasks, seed=episode_seed(exp.seed, "eval", done),
-                                        env_name=exp.env.name, **held_out)
+                last, records = evaluate_pool(pool, valid_tasks, seed=episode_seed(exp.seed, "eval", done),
+                                              env_name=exp.env.name, **held_out)
+                save_eval(run_dir / "eval" / f"valid_{done}.json", last, records,
+                          {"iteration": done, "split": envs.VALID_SPLIT})
                 log.log(done, last, prefix="valid/")
                 tqdm.write(f"iteration {done}: valid {held_out_line(last)}")
             if done % cfg.save_every == 0 or done == cfg.iterations:

@@ -215,6 +215,7 @@ class EpisodeRunner:
             obs, info = out
             ep.last_obs, ep.choices = obs, self.fmt.choices(info)
             ep.traj.append(bos + self._encode(self.fmt.prompt(obs)), policy=False)
+            ep.traj.transcript = [{"observation": obs}]
             live.append(i)
         stats.env_s += time.perf_counter() - t0
         return live
@@ -256,21 +257,24 @@ class EpisodeRunner:
             tr.policy_versions.append(self.policy_version)
             stats.turns += 1
             stats.policy_tokens += len(ids)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
             if len(ids) < len(comp.token_ids):  # cut by the episode budget: no action is taken
                 tr.add_turn_reward(0.0)
                 tr.truncated = "episode_tokens"
+                tr.transcript.append({"action": text, "reward": 0.0, "cut": "the episode's token budget"})
                 continue
             if comp.finish_reason == "length":
                 tr.cut_turns += 1  # recorded; the cut text is still the action
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
             action = self.fmt.action(ep.last_obs, text)
             out, err = self._call(self.envs[i].step, action)
             if err:
                 tr.add_turn_reward(0.0)
                 tr.infra_error = f"step: {err}"
+                tr.transcript.append({"action": text, "reward": 0.0, "error": str(err)})
                 self.envs[i] = self.env_factory()
                 continue
             obs, reward, terminated, truncated, info = out
+            tr.transcript.append({"action": text, "reward": float(reward), "observation": obs})
             if info.get("infra_error"):
                 tr.infra_error = str(info["infra_error"])
             tr.add_turn_reward(reward)

@@ -43,6 +43,21 @@ class Trajectory:
     # what the env counted over the episode (its last info's "episode_stats", e.g. SWE's tool
     # calls): the eval records carry it to the env's eval_stats
     episode_stats: dict[str, float] = field(default_factory=dict)
+    # the conversation as text: [{"observation": the env's first}, then one per turn {"action":
+    # the decoded text, "reward", "observation": the env's reply (or "error", or "cut")}]: what
+    # the eval files save and `launch.py show` prints
+    transcript: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def end(self) -> str:
+        """Why the episode ended, in words."""
+        if self.infra_error:
+            return f"infra error: {self.infra_error}"
+        if self.truncated == "max_turns":
+            return "out of turns"
+        if self.truncated == "episode_tokens":
+            return "out of tokens (the episode's budget)"
+        return "won" if self.won else "ended by the env, not won"
 
     @property
     def staleness_base(self) -> int | None:
