@@ -5,11 +5,13 @@ Each arch is the main job's recipe (configs/countdown3_grpo.yaml by default) wit
 (and `--set` overrides) changed, run into `<out>/<arch>/` (its SFT stage in `<out>/<arch>/sft`):
 held-out success on the test split (eval.split) greedy and sampled, before RL (the SFT policy)
 and after, parameters (total and active per token), SFT learner tokens/s and RL rollout tokens/s
-(from the runs' own metrics). `factor` is not trained from scratch: it is the trained dense SFT
-policy converted (`launch.py convert`, router training only), then RL'd like the others.
+(from the runs' own metrics). `factor` and `ones` are not trained from scratch: `factor` is the
+trained dense SFT policy converted (`launch.py convert`, router training only), `ones` the
+trained `moe` SFT policy gathered into a dense student (SVD) and distilled against it
+(`launch.py distill`, `--distill-steps`); both are then RL'd like the others.
 
 Every run resumes (`--resume` semantics): kill this script and start it again and it continues
-where it stopped; finished archs are read back from their folders. The table goes to stdout and
+where it stopped; archs finished before are read back from `backbones.json` (`--rerun` redoes them). The table goes to stdout and
 `<out>/backbones.json`.
 
     python bench/backbones.py                                   # all archs, the recipe's budget
@@ -28,7 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-ARCHS = ["llama", "moe", "mod", "routed_attention", "monarch", "factor"]
+ARCHS = ["llama", "moe", "mod", "routed_attention", "monarch", "factor", "ones"]
+# not trained from scratch: made from another arch's trained SFT policy (which must be run first)
+DERIVED = {"factor": "llama", "ones": "moe"}
 
 
 def cpu_name() -> str:
@@ -56,7 +60,8 @@ def _last(metrics_file: Path, key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def run_arch(arch: str, recipe: str, out: Path, sets: list[str], convert_steps: int) -> dict:
+def run_arch(arch: str, recipe: str, out: Path, sets: list[str], convert_steps: int,
+             distill_steps: int) -> dict:
     import torch
 
     from agents.model import load_pretrained
@@ -66,17 +71,24 @@ def run_arch(arch: str, recipe: str, out: Path, sets: list[str], convert_steps: 
     run = out / arch
     sft_dir = run / "sft"
     overrides = [f"out_dir={run}", f"rl.init_from={sft_dir}", *sets]
-    if arch != "llama":
+    if arch not in ("llama", "ones"):
         overrides.insert(0, f"model.arch={arch}")
-    if arch == "factor":  # the dense SFT policy, converted: routers trained, everything else kept
-        from algos.convert import convert_to_factor
-
-        dense = load_config(recipe, [f"out_dir={out / 'llama'}", f"rl.init_from={out / 'llama' / 'sft'}", *sets])
-        if not (out / "llama" / "sft" / "checkpoints").is_dir():
-            raise SystemExit("factor converts the dense SFT policy: run the llama arch first")
+    if arch in DERIVED:
+        source = out / DERIVED[arch] / "sft"
+        if not (source / "checkpoints").is_dir():
+            raise SystemExit(f"{arch} is made from the {DERIVED[arch]} SFT policy: run the {DERIVED[arch]} arch first")
+        src_exp = load_config(recipe, [*([f"model.arch={DERIVED[arch]}"] if DERIVED[arch] != "llama" else []),
+                                       f"out_dir={out / DERIVED[arch]}", f"rl.init_from={source}", *sets])
         if not (sft_dir / "config.json").exists():
-            convert_to_factor(dense, out / "llama" / "sft", sft_dir, steps=convert_steps)
-        overrides = [f"out_dir={run}", f"rl.init_from={sft_dir}", *sets]
+            if arch == "factor":  # the dense SFT policy, converted: routers trained, everything else kept
+                from algos.convert import convert_to_factor
+
+                convert_to_factor(src_exp, source, sft_dir, steps=convert_steps)
+            else:  # OneS: the moe SFT policy gathered (SVD) into a dense student, distilled against it
+                from algos.distill import distill_to_dense
+
+                dense_exp = load_config(recipe, [f"out_dir={run}", f"rl.init_from={sft_dir}", *sets])
+                distill_to_dense(dense_exp, source, sft_dir, gather="svd", steps=distill_steps)
     exp = load_config(recipe, overrides)
     t0 = time.perf_counter()
     result = train(exp, resume=True)
@@ -126,13 +138,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/backbones")
     ap.add_argument("--set", dest="sets", nargs="*", default=[], help="key=value overrides for every arch")
     ap.add_argument("--convert-steps", type=int, default=200, help="factor: router-training steps")
+    ap.add_argument("--distill-steps", type=int, default=1000, help="ones: distillation steps")
+    ap.add_argument("--rerun", action="store_true", help="run archs already in backbones.json again (their "
+                    "runs resume: only the evaluations are redone)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = out / "backbones.json"
     rows = json.loads(table.read_text()) if table.exists() else {}
     for arch in args.archs:
-        rows[arch] = run_arch(arch, args.recipe, out, args.sets, args.convert_steps)
+        if rows.get(arch, {}).get("after_greedy") is not None and not args.rerun:
+            print(f"{arch}: finished before (in {table}); --rerun evaluates it again")
+            continue
+        rows[arch] = run_arch(arch, args.recipe, out, args.sets, args.convert_steps, args.distill_steps)
         table.write_text(json.dumps(rows, indent=2))
     print(f"\n{args.recipe} per arch ({cpu_name()}; test split, {rows[args.archs[0]].get('tasks')} tasks, one seed)\n")
     print("| arch | params | active | SFT greedy | SFT sampled | RL greedy | RL sampled | SFT tok/s | rollout tok/s |")

@@ -77,3 +77,28 @@ def test_iteration_bench_trl_row(iteration_report):
     _check_iteration_row(trl)
     assert trl["sync_s"] == 0.0 and not trl["detail"]["gradient_checkpointing"], trl
     assert "Turnstile vs TRL:" in out and any(line.startswith("| TRL ") for line in out.splitlines())
+
+
+def test_backbones_bench_runs_derived_archs_and_resumes(tmp_path):
+    """bench/backbones.py on a shrunken main job: dense, then factor (converted from it) and ones
+    (distilled from moe); each row has before/after success and parameter counts, and a second
+    call reads finished archs back instead of training them again."""
+    out = tmp_path / "bb"
+    shrink = ["model.hidden_size=32", "model.num_heads=1", "sft.steps=4", "sft.log_every=2", "sft.save_every=4",
+              "sft.demos.num_examples=64", "eval.num_tasks=4", "rl.iterations=1", "rl.tasks_per_iter=2",
+              "rl.group_size=2", "rl.minibatch_size=4", "rl.micro_batch_size=4", "rl.eval_samples=0",
+              "rl.save_every=1", "runtime.threads=1", "rollout.num_workers=0", f"data_dir={tmp_path / 'data'}"]
+    args = ["bench/backbones.py", "--out", str(out), "--convert-steps", "2", "--distill-steps", "2", "--set", *shrink]
+    text = _run(*args, "--archs", "llama", "factor", "moe", "ones")
+    rows = json.loads((out / "backbones.json").read_text())
+    assert list(rows) == ["llama", "factor", "moe", "ones"]
+    for arch, row in rows.items():
+        assert row["tasks"] == 4 and 0 <= row["after_greedy"] <= 1 and row["params"] > 0, (arch, row)
+    assert rows["factor"]["active_params"] < rows["factor"]["params"]  # top-4 of 8 slice experts
+    assert rows["moe"]["active_params"] < rows["moe"]["params"]
+    # the student is the dense shape, plus the attention biases it keeps from Qwen2-MoE (4 layers x q/k/v/o x 32)
+    assert rows["ones"]["params"] - rows["llama"]["params"] == 4 * 4 * 32
+    assert "| ones |" in text
+    before = (out / "llama" / "metrics.jsonl").read_text()
+    _run(*args, "--archs", "llama")  # finished: resumed, nothing trained again
+    assert (out / "llama" / "metrics.jsonl").read_text() == before
