@@ -28,6 +28,7 @@ import torch
 from algos.checkpoint import load_policy
 from algos.config import Experiment
 from algos.learner import Learner
+from algos.runtime import WORLD_OF_ONE
 from rollout.trajectory import Trajectory
 from rollout.worker import in_bundle, init_ray, reserve
 
@@ -67,7 +68,8 @@ class LearnerRank:
         # What a launcher gives each process. Ray shows a GPU actor only its own GPU(s), so the
         # local rank is 0; DeepSpeed's initialize then joins the group (all ranks block until all are in).
         os.environ.update({"MASTER_ADDR": master[0], "MASTER_PORT": str(master[1]), "RANK": str(self.rank),
-                           "WORLD_SIZE": str(self.world), "LOCAL_RANK": "0"})
+                           "WORLD_SIZE": str(self.world), "LOCAL_RANK": "0",
+                           WORLD_OF_ONE: "0"})  # a rank's group: not the world of one a parent may have left marked
         torch.set_num_threads(threads)
         model, tokenizer = load_policy(policy_folder)
         self.learner = Learner(exp, model, tokenizer.pad_token_id, optimizer_cls=optimizer_cls)

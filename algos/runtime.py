@@ -139,13 +139,26 @@ def barrier() -> None:
         dist.barrier()
 
 
+# Marks the torch.distributed variables as ours (a world of one), not a launcher's or a rank's.
+WORLD_OF_ONE = "TURNSTILE_WORLD_OF_ONE"
+
+
 def ensure_process_group_env() -> None:
     """A plain `python launch.py ...` is a world of one: give torch.distributed what a launcher would.
 
-    Under `deepspeed`/`torchrun` these variables are already set and left alone.
+    Variables a launcher or a learner rank (algos/ranks.py) set are left alone. Ours get a fresh
+    free port before every new process group: a port picked for an earlier group (a job that runs
+    SFT, then RL, in one process) may be another process's by now, and a child process (a Ray
+    task of `launch.py sweep --ray`) inherits the parent's variables along with its port.
     """
+    import torch.distributed as dist
+
+    ours = os.environ.get(WORLD_OF_ONE) == "1" or "MASTER_PORT" not in os.environ
+    if ours and not (dist.is_available() and dist.is_initialized()):
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
+                           "LOCAL_RANK": "0", "WORLD_SIZE": "1", WORLD_OF_ONE: "1"})
+        return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

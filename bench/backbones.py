@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,8 +46,9 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _last(metrics_file: Path, key: str) -> float | None:
-    """The mean of `key` over a run's metrics.jsonl rows that have it (None if none do)."""
+def _median(metrics_file: Path, key: str) -> float | None:
+    """The median of `key` over a run's metrics.jsonl rows that have it (None if none do): a
+    shared machine slows some windows, the median reads the rest."""
     if not metrics_file.exists():
         return None
     vals = []
@@ -57,7 +59,7 @@ def _last(metrics_file: Path, key: str) -> float | None:
             continue
         if key in row:
             vals.append(float(row[key]))
-    return sum(vals) / len(vals) if vals else None
+    return statistics.median(vals) if vals else None
 
 
 def run_arch(arch: str, recipe: str, out: Path, sets: list[str], convert_steps: int,
@@ -107,9 +109,9 @@ def run_arch(arch: str, recipe: str, out: Path, sets: list[str], convert_steps: 
     total = sum(p.numel() for p in model.parameters())
     row["params"] = total
     row["active_params"] = _active(arch, model, total)
-    row["sft_tokens_per_s"] = _last(sft_dir / "metrics.jsonl", "train/tokens_per_s")
-    row["rollout_tokens_per_s"] = _last(run / "metrics.jsonl", "train/rollout_tokens_per_s")
-    row["learner_update_s"] = _last(run / "metrics.jsonl", "train/update_s")
+    row["sft_tokens_per_s"] = _median(sft_dir / "metrics.jsonl", "sft/tokens_per_s")
+    row["rollout_tokens_per_s"] = _median(run / "metrics.jsonl", "train/rollout_tokens_per_s")
+    row["learner_update_s"] = _median(run / "metrics.jsonl", "train/update_s")
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return row

@@ -3,6 +3,7 @@ the critic's gradient (5e), infra-error episodes (5h), the sampling temperature 
 the critic (5b); and PPO's advantages through the learner with observation tokens between turns."""
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -251,3 +252,29 @@ def test_zero2_partitioned_gradients_accumulate_to_the_same_update(tmp_path):
         after.append(learner.policy_state_dict())
     for k in after[0]:
         torch.testing.assert_close(after[1][k], after[0][k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_a_world_of_one_gets_a_fresh_port_and_a_launchers_variables_are_kept(monkeypatch):
+    """Our own torch.distributed variables get a new free port before each new process group (an
+    old port may be taken; a Ray task inherits its parent's); a launcher's or rank's are kept."""
+    import torch.distributed as dist
+
+    from algos.runtime import WORLD_OF_ONE, ensure_process_group_env
+
+    if dist.is_initialized():
+        pytest.skip("a process group of this test process is up")
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", WORLD_OF_ONE):
+        monkeypatch.delenv(key, raising=False)
+    ensure_process_group_env()
+    assert os.environ[WORLD_OF_ONE] == "1" and os.environ["WORLD_SIZE"] == "1"
+    ports = {os.environ["MASTER_PORT"]}
+    for _ in range(3):  # inherited marked variables: a new port each time, never the old one kept
+        ensure_process_group_env()
+        ports.add(os.environ["MASTER_PORT"])
+    assert len(ports) > 1
+    monkeypatch.setenv("MASTER_PORT", "29511")  # a launcher's (or a learner rank's, which marks it "0")
+    monkeypatch.setenv(WORLD_OF_ONE, "0")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ensure_process_group_env()
+    assert (os.environ["MASTER_PORT"], os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("29511", "1", "2")

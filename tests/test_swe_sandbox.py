@@ -416,7 +416,11 @@ def test_parents_home_and_tmp_are_hidden(wt, tmp_path):
     home = os.path.realpath(os.path.expanduser("~"))
     r = wt.run(f"cat {tmp_path}/secret.txt; ls -A {home}; ls -A /tmp", CFG)
     assert "s3cret" not in r.stdout
-    assert set(r.stdout.split()) <= {".pyenv", "home", *Path(wt.path).parts}  # only what is bound back
+    # only what is bound back: the worktree and this interpreter's install (a venv may sit in /tmp)
+    from envs.swe.sandbox import _interpreter_paths
+
+    bound = {part for p in [wt.path, *_interpreter_paths()] for part in Path(p).parts}
+    assert set(r.stdout.split()) <= {"home", *bound}
 
 
 # --------------------------------------------------------------------------------------------
