@@ -49,16 +49,11 @@ def cpu_name() -> str:
 def _median(metrics_file: Path, key: str) -> float | None:
     """The median of `key` over a run's metrics.jsonl rows that have it (None if none do): a
     shared machine slows some windows, the median reads the rest."""
+    from algos.plot import read_metrics
+
     if not metrics_file.exists():
         return None
-    vals = []
-    for line in metrics_file.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if key in row:
-            vals.append(float(row[key]))
+    vals = [float(row[key]) for row in read_metrics(metrics_file.parent) if key in row]
     return statistics.median(vals) if vals else None
 
 
