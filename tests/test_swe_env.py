@@ -424,7 +424,7 @@ def test_short_sft_then_rl_resolves_bugs_in_functions_it_did_not_train_on(tmp_pa
     # functions no train instance touched. The untrained policy (sampling) resolves none; after
     # SFT -> RL some are resolved greedily. Measured after SFT alone, seeds 0-3 (AMD EPYC): greedy
     # 33-83% (mean 62%), sampled 50-100%. The vocabulary is what makes it robust: with 300 tokens
-    # (tool names spread over several tokens) the same seeds gave 17-50% greedy, most failures a
+    # (tool names spread over several tokens) the same seeds gave 33-50% greedy, most failures a
     # misspelt tool or a bad view range and then empty calls, and one CPU drew 17% -> 0% after RL.
     # RL's two iterations on 16 episodes are too few to move it measurably, as for ALFWorld.
     from rl_helpers import tiny_policy
