@@ -296,6 +296,25 @@ def test_detour_demo_is_seen_failing_and_undone(world):
                                      "tool_share/submit": 0.125, "tool_share/view": 0.375}
 
 
+
+def test_recovery_demo_meets_an_error_reply_and_edits_right_after_looking_again(world):
+    env = envs.make("swe", **cfg(world))
+    demo = demonstration(env, task(world), recovery=True)
+    assert demo["won"]
+    tools = [(t["action"].split()[0], t["expert"]) for t in demo["turns"]]
+    i = tools.index(("str_replace", False))
+    assert tools[:i] == [("run_tests", True), ("view", True)]
+    assert tools[i + 1:i + 3] == [("view", True), ("str_replace", True)]
+    assert demo["turns"][i + 1]["observation"].startswith("error: str_replace: the old lines do not occur")
+    fmt = envs.format_for("swe")  # the misquoted call is context, not a target
+    trained = "".join(t for t, learn in fmt.segments(demo) if learn)
+    assert demo["turns"][i]["action"] not in trained and demo["turns"][i + 2]["action"] in trained
+    demos = list(envs.demonstrations("swe", envs.make_tasks("swe", **cfg(world)), "train", 1, recoveries=1.0))
+    stats = envs.spec("swe").demo_stats(demos)
+    assert stats["error_share"] == 1.0 and stats["detour_share"] == 1.0
+    plain = list(envs.demonstrations("swe", envs.make_tasks("swe", **cfg(world)), "train", 1))
+    assert envs.spec("swe").demo_stats(plain)["error_share"] == 0.0
+
 def test_launch_eval_prints_the_resolve_rate_per_repo_and_the_tool_mix(capsys):
     from algos.evaluate import print_summary
 

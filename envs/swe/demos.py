@@ -10,6 +10,12 @@ which ToolFormat.segments reads. Only demos the env grades resolved are kept.
 Detours (`mistakes` > 0): in that fraction of the demos the first edit is a wrong one (the buggy
 line with one operator or constant changed, else a comment added), marked {"expert": False} and
 not trained on; the expert then runs the tests, sees them fail, undoes the edit and goes on.
+
+Recoveries (`recoveries` > 0): in that fraction the first str_replace quotes old lines that do
+not occur in the file (one line slightly changed; not trained on), gets the env's error reply,
+views the code again and makes the right edit. Without them no demo shows an error reply, and a
+policy that meets one (a misquoted edit, a bad view range) has nothing to imitate: measured on
+the real instances, the SFT policy then wrote empty calls until out of turns (docs/swe.md).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ class SweDemoOptions(DemoOptions):
     """`sft.demos` keys of the swe env."""
 
     mistakes: float = Field(0.0, ge=0, le=1, description="fraction of demos whose first edit is a wrong one")
+    recoveries: float = Field(0.0, ge=0, le=1, description="fraction of demos whose first str_replace misquotes "
+                              "the old lines, gets the error reply, views again and edits right")
 
 
 def hunks(patch: str) -> list[dict]:
@@ -107,8 +115,21 @@ def wrong_line(line: str, fixed: set[str] = frozenset()) -> str:
     return line + "  # fixed"
 
 
-def demonstration(env: SweEnv, task: dict, detour: bool = False) -> dict:
-    """Play the scripted expert on `task` in `env` (a detour first when asked)."""
+def misquote(old: str, text: str) -> str | None:
+    """`old` with its first changeable line slightly changed so that it no longer occurs in
+    `text` (None when no such change exists)."""
+    lines = old.split("\n")
+    for i, line in enumerate(lines):
+        for cand in (wrong_line(line), line.replace("    ", "  ", 1)):
+            bad = "\n".join(lines[:i] + [cand] + lines[i + 1:])
+            if cand != line and bad not in text:
+                return bad
+    return None
+
+
+def demonstration(env: SweEnv, task: dict, detour: bool = False, recovery: bool = False) -> dict:
+    """Play the scripted expert on `task` in `env` (a misquoted edit and its recovery, then a
+    detour, first when asked)."""
     obs, _ = env.reset(options={"task": task})
     turns: list[dict] = []
     done, reward, info = False, 0.0, {}
@@ -132,6 +153,12 @@ def demonstration(env: SweEnv, task: dict, detour: bool = False) -> dict:
                 break
             text = (env.wt.path / h["path"]).read_text()
             old, new = minimal_edit(text, h["old"], h["new"])
+            if recovery and (misquoted := misquote(old, text)) is not None:
+                recovery = False
+                act(call_text("str_replace", h["path"], body=misquoted, new=new), expert=False)
+                for path, lo, hi in view_ranges([h]):  # the error reply, then look again
+                    if not done:
+                        act(call_text("view", path, lo, hi))
             if detour and not detoured:
                 detoured = True
                 lines = old.split("\n")
@@ -155,13 +182,16 @@ def demonstration(env: SweEnv, task: dict, detour: bool = False) -> dict:
             "infra_error": info.get("infra_error") or False, "task": task, "instance_id": task["instance_id"]}
 
 
-def task_demonstrations(source, split: str, n: int, seed: int = 0, mistakes: float = 0.0) -> Iterator[dict]:
+def task_demonstrations(source, split: str, n: int, seed: int = 0, mistakes: float = 0.0,
+                        recoveries: float = 0.0) -> Iterator[dict]:
     """The registered demonstration builder: resolved expert demos of the first n tasks of `split`."""
     env = SweEnv(source.config)
     try:
         for task in source.tasks(split)[:n]:
             rng = random.Random(f"swe-mistakes/{seed}/{task['instance_id']}")
-            demo = demonstration(env, task, detour=bool(mistakes) and rng.random() < mistakes)
+            detour = bool(mistakes) and rng.random() < mistakes  # drawn first: the same detours as before
+            recovery = bool(recoveries) and rng.random() < recoveries
+            demo = demonstration(env, task, detour=detour, recovery=recovery)
             if demo["won"]:
                 yield demo
     finally:
@@ -169,11 +199,14 @@ def task_demonstrations(source, split: str, n: int, seed: int = 0, mistakes: flo
 
 
 def demo_stats(demos: list[dict]) -> dict:
-    """Share of demos with a detour and their mean number of turns."""
+    """Shares of demos with a detour (any call not trained on) and with an error reply, and their
+    mean number of turns."""
     if not demos:
         return {}
     return {"detour_share": round(sum(any(not t.get("expert", True) for t in d["turns"]) for d in demos)
                                   / len(demos), 4),
+            "error_share": round(sum(any(t["observation"].startswith("error:") for t in d["turns"][1:])
+                                     for d in demos) / len(demos), 4),
             "mean_turns": round(sum(len(d["turns"]) for d in demos) / len(demos), 2)}
 
 
