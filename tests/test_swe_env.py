@@ -278,12 +278,17 @@ def test_expert_demo_resolves_and_reads_well(world):
     assert text.count(END) == len(demo["turns"]) and text.startswith("Repository: toy/calc")
 
 
-def test_detour_demo_is_seen_failing_and_undone(world):
-    env = envs.make("swe", **cfg(world))
-    demo = demonstration(env, task(world), detour=True)
+def played(world, **how):
+    """The expert's demo on the toy task (a detour or recovery as asked), its (tool, trained-on)
+    calls, and the index of its first call not trained on."""
+    demo = demonstration(envs.make("swe", **cfg(world)), task(world), **how)
     assert demo["won"]
     tools = [(t["action"].split()[0], t["expert"]) for t in demo["turns"]]
-    i = tools.index(("str_replace", False))
+    return demo, tools, tools.index(("str_replace", False))
+
+
+def test_detour_demo_is_seen_failing_and_undone(world):
+    demo, tools, i = played(world, detour=True)
     assert tools[i + 1:i + 4] == [("run_tests", True), ("undo_edit", True), ("str_replace", True)]
     assert "failed" in demo["turns"][i + 2]["observation"]  # the tests after the wrong edit
     demos = list(envs.demonstrations("swe", envs.make_tasks("swe", **cfg(world)), "train", 1, mistakes=1.0))
@@ -296,13 +301,8 @@ def test_detour_demo_is_seen_failing_and_undone(world):
                                      "tool_share/submit": 0.125, "tool_share/view": 0.375}
 
 
-
 def test_recovery_demo_meets_an_error_reply_and_edits_right_after_looking_again(world):
-    env = envs.make("swe", **cfg(world))
-    demo = demonstration(env, task(world), recovery=True)
-    assert demo["won"]
-    tools = [(t["action"].split()[0], t["expert"]) for t in demo["turns"]]
-    i = tools.index(("str_replace", False))
+    demo, tools, i = played(world, recovery=True)
     assert tools[:i] == [("run_tests", True), ("view", True)]
     assert tools[i + 1:i + 3] == [("view", True), ("str_replace", True)]
     assert demo["turns"][i + 1]["observation"].startswith("error: str_replace: the old lines do not occur")
@@ -314,6 +314,7 @@ def test_recovery_demo_meets_an_error_reply_and_edits_right_after_looking_again(
     assert stats["error_share"] == 1.0 and stats["detour_share"] == 1.0
     plain = list(envs.demonstrations("swe", envs.make_tasks("swe", **cfg(world)), "train", 1))
     assert envs.spec("swe").demo_stats(plain)["error_share"] == 0.0
+
 
 def test_launch_eval_prints_the_resolve_rate_per_repo_and_the_tool_mix(capsys):
     from algos.evaluate import print_summary
