@@ -202,9 +202,11 @@ class TaskSource(abc.ABC):
 # Registry
 
 
-# A demonstration builder: (task source, split, n, seed, **options) -> demos of the split's
-# first n tasks, dicts that the env's Format.segments() reads.
-DemoBuilder = Callable[..., Iterator[dict]]
+# A demonstration builder: (task source, split, n, seed, start=0, **options) -> one entry per task
+# of the split's tasks [start, n), in order: its demo (a dict the env's Format.segments() reads),
+# or None where the expert's demo was dropped (it did not win). The entries from `start` on are the
+# same as those of a run from 0, so a killed data step resumes at the next task (algos/data.py).
+DemoBuilder = Callable[..., Iterator[dict | None]]
 
 
 @dataclass(frozen=True)
@@ -332,14 +334,23 @@ def validate_demo_options(name: str, options: dict) -> DemoOptions:
         raise EnvConfigError(f"{name} demonstration options: " + "; ".join(problems)) from None
 
 
-def demonstrations(name: str, source: TaskSource, split: str, n: int, seed: int = 0,
-                   **options: Any) -> Iterator[dict]:
-    """Expert demonstrations of env `name` for SFT, on the first n tasks of `split` of `source`:
-    dicts its Format.segments() reads (most have `prompt` and `completion`)."""
+def demos_by_task(name: str, source: TaskSource, split: str, n: int, seed: int = 0, start: int = 0,
+                  **options: Any) -> Iterator[dict | None]:
+    """Env `name`'s expert demo of each of the tasks [start, n) of `split`, in order; None for a
+    task whose demo was dropped (what a resumable data step counts, algos/data.py)."""
     builder = spec(name).demos
     if builder is None:
         raise EnvConfigError(f"env {name!r} has no expert demonstrations to imitate")
-    return builder(source, split, n, seed, **options)
+    if not 0 <= start <= n:
+        raise ValueError(f"demonstrations: start={start} is not in [0, n={n}]")
+    return builder(source, split, n, seed, start=start, **options)
+
+
+def demonstrations(name: str, source: TaskSource, split: str, n: int, seed: int = 0,
+                   **options: Any) -> Iterator[dict]:
+    """Expert demonstrations of env `name` for SFT, on the first n tasks of `split` of `source`:
+    dicts its Format.segments() reads (most have `prompt` and `completion`); dropped ones left out."""
+    return (d for d in demos_by_task(name, source, split, n, seed, **options) if d is not None)
 
 
 def make(name: str, config: BaseModel | dict | None = None, /, **cfg: Any) -> TextEnv:

@@ -69,12 +69,13 @@ class SpellDemoOptions(DemoOptions):
     shout: bool = False  # an option only this env's demos take (upper-case letters)
 
 
-def spell_demos(source, split, n, seed, shout=False):
-    rng = random.Random(seed)
-    for task in (source.tasks(split) * n)[:n]:
+def spell_demos(source, split, n, seed, start=0, shout=False):
+    """Tasks [start, n), one demo each (a builder yields None for a task whose demo it drops)."""
+    for i, task in enumerate((source.tasks(split) * n)[start:n], start):
         word = WORDS[task["n"] % len(WORDS)]
         letters = word.upper() if shout else word
-        yield {"turns": [[f"spell {word}: letter 1", letters[0]], ["letter 2", letters[1]]], "r": rng.random()}
+        r = random.Random(f"{seed}/{i}").random()  # drawn per task: a resumed run draws the same
+        yield {"turns": [[f"spell {word}: letter 1", letters[0]], ["letter 2", letters[1]]], "r": r}
 
 
 envs.register("spell", SpellEnv, SpellConfig, SpellTasks, format=SpellFormat(), demos=spell_demos,

@@ -117,3 +117,49 @@ def test_incomplete_checkpoint_is_ignored_and_garbage_is_refused(tiny_recipe, tm
     (broken / "config.json").write_text("{ not json")
     with pytest.raises(CheckpointError, match="cannot load the policy"):
         load_policy(broken)
+
+
+def test_a_killed_data_step_resumes_at_the_next_task_and_writes_what_a_whole_run_writes(tiny_recipe, monkeypatch):
+    """Demonstrations are written as they come with a progress record; a rerun after a kill cuts
+    the part file back to the record, asks the builder only for the tasks after it, and ends with
+    the same file (and counts) as an uninterrupted run, dropped tasks included."""
+    import algos.data
+    import envs
+
+    real = envs.demos_by_task
+    asked: list[int] = []
+
+    def dropping(*args, start=0, **kw):  # every 7th task's demo dropped, as an env drops unwon ones
+        asked.append(start)
+        for i, d in enumerate(real(*args, start=start, **kw), start):
+            yield None if i % 7 == 3 else d
+
+    monkeypatch.setattr(envs, "demos_by_task", dropping)
+    monkeypatch.setattr(algos.data, "PROGRESS_EVERY_S", 0.0)  # record after every task
+    whole = load_config(tiny_recipe, ["data_dir=" + str(tiny_recipe.parent / "whole")])
+    expected = (prepare_data(whole, progress=False) / "train_demos.jsonl").read_text()
+    assert asked == [0] and len(expected.splitlines()) == 300 - 43  # tasks 3, 10, ..., 297 dropped
+
+    def killed(*args, start=0, **kw):
+        for i, d in enumerate(dropping(*args, start=start, **kw), start):
+            if i == 120:
+                raise KeyboardInterrupt
+            yield d
+
+    exp = load_config(tiny_recipe)
+    monkeypatch.setattr(envs, "demos_by_task", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(exp, progress=False)
+    folder = algos.data.data_folder(exp)
+    assert not (folder / "DONE").exists() and not (folder / "train_demos.jsonl").exists()
+    record = json.loads((folder / "train_demos.progress.json").read_text())
+    assert record["tasks"] == 120 and record["demos"] == 120 - 17
+    with open(folder / "train_demos.jsonl.part", "a") as f:
+        f.write('{"half a line')  # the kill landed mid-write: cut back to the record
+    asked.clear()
+    monkeypatch.setattr(envs, "demos_by_task", dropping)
+    prepare_data(exp, progress=False)
+    assert asked == [120]  # only the tasks after the record were played again
+    assert (folder / "train_demos.jsonl").read_text() == expected
+    assert json.loads((folder / "stats.json").read_text())["demonstrations"] == 300 - 43
+    assert not (folder / "train_demos.jsonl.part").exists() and not (folder / "train_demos.progress.json").exists()

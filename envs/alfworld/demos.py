@@ -36,6 +36,12 @@ def demonstrations(tasks: Iterable[dict], config: AlfWorldConfig, mistakes: floa
                    seed: int = 0) -> Iterator[dict]:
     """Demos of the tasks whose expert plan wins within max_turns, played in an env of `config`;
     a `mistakes` fraction take one detour, drawn reproducibly from `seed` and the task."""
+    return (d for d in demos_by_task(tasks, config, mistakes, seed) if d is not None)
+
+
+def demos_by_task(tasks: Iterable[dict], config: AlfWorldConfig, mistakes: float = 0.0,
+                  seed: int = 0) -> Iterator[dict | None]:
+    """demonstrations(), one entry per task: None where the plan is missing or does not win."""
     if not 0.0 <= mistakes <= 1.0:
         raise ValueError(f"mistakes must be a fraction in [0, 1], got {mistakes}")
     env = AlfWorldEnv(config)
@@ -43,15 +49,17 @@ def demonstrations(tasks: Iterable[dict], config: AlfWorldConfig, mistakes: floa
         for task in tasks:
             task = with_walkthrough(env, task)
             if not task["walkthrough"]:
+                yield None
                 continue
             rng = random.Random(f"alfworld-mistakes/{seed}/{task.get('id', task['game'])}")
             demo = demonstration(env, task, rng if mistakes and rng.random() < mistakes else None)
-            if demo["won"]:
-                yield demo
+            yield demo if demo["won"] else None
     finally:
         env.close()
 
 
-def task_demonstrations(source, split: str, n: int, seed: int = 0, mistakes: float = 0.0) -> Iterator[dict]:
-    """The registered demonstration builder: expert demos of the first n tasks of `split`."""
-    return demonstrations(source.tasks(split)[:n], source.config, mistakes=mistakes, seed=seed)
+def task_demonstrations(source, split: str, n: int, seed: int = 0, start: int = 0,
+                        mistakes: float = 0.0) -> Iterator[dict | None]:
+    """The registered demonstration builder: the expert's demo of each of the tasks [start, n) of
+    `split` (None where dropped)."""
+    return demos_by_task(source.tasks(split)[start:n], source.config, mistakes=mistakes, seed=seed)

@@ -124,7 +124,11 @@ def demonstrations(
         yield demo
 
 
-def task_demonstrations(source: CountdownTasks, split: str, n: int, seed: int = 0, **options: Any) -> Iterator[dict]:
-    """The registered demonstration builder: demos of the first n problems of `split`; `options`
-    are CountdownDemoOptions' (format, mistakes, and random_stream's strategies/heuristics/beams)."""
-    return demonstrations(itertools.islice(source.iter_problems(split), n), seed=seed, **options)
+def task_demonstrations(source: CountdownTasks, split: str, n: int, seed: int = 0, start: int = 0,
+                        **options: Any) -> Iterator[dict]:
+    """The registered demonstration builder: demos of the problems [start, n) of `split` (none is
+    dropped); `options` are CountdownDemoOptions' (format, mistakes, and random_stream's
+    strategies/heuristics/beams). The streams share one random generator, so a resumed run
+    replays the first `start` (thousands a second) to draw the same ones."""
+    demos = demonstrations(itertools.islice(source.iter_problems(split), n), seed=seed, **options)
+    return itertools.islice(demos, start, None)

@@ -182,18 +182,18 @@ def demonstration(env: SweEnv, task: dict, detour: bool = False, recovery: bool 
             "infra_error": info.get("infra_error") or False, "task": task, "instance_id": task["instance_id"]}
 
 
-def task_demonstrations(source, split: str, n: int, seed: int = 0, mistakes: float = 0.0,
-                        recoveries: float = 0.0) -> Iterator[dict]:
-    """The registered demonstration builder: resolved expert demos of the first n tasks of `split`."""
+def task_demonstrations(source, split: str, n: int, seed: int = 0, start: int = 0, mistakes: float = 0.0,
+                        recoveries: float = 0.0) -> Iterator[dict | None]:
+    """The registered demonstration builder: the expert's demo of each of the tasks [start, n) of
+    `split`, None where the env does not grade it resolved."""
     env = SweEnv(source.config)
     try:
-        for task in source.tasks(split)[:n]:
+        for task in source.tasks(split)[start:n]:
             rng = random.Random(f"swe-mistakes/{seed}/{task['instance_id']}")
             detour = bool(mistakes) and rng.random() < mistakes  # drawn first: the same detours as before
             recovery = bool(recoveries) and rng.random() < recoveries
             demo = demonstration(env, task, detour=detour, recovery=recovery)
-            if demo["won"]:
-                yield demo
+            yield demo if demo["won"] else None
     finally:
         env.close()
 

@@ -89,6 +89,13 @@ def demonstrations(tasks: Iterable[dict], config: TextWorldConfig, skip_unwon: b
     overriding its display keys). Walkthroughs that do not win within max_turns are skipped
     unless skip_unwon is False. A `mistakes` fraction of the demos take one detour (above),
     drawn reproducibly from `seed` and the task."""
+    return (d for d in demos_by_task(tasks, config, skip_unwon, mistakes, seed, **options) if d is not None)
+
+
+def demos_by_task(tasks: Iterable[dict], config: TextWorldConfig, skip_unwon: bool = True,
+                  mistakes: float = 0.0, seed: int = 0, **options: Any) -> Iterator[dict | None]:
+    """demonstrations(), one entry per task: None where it has no walkthrough or (skip_unwon)
+    the walkthrough does not win."""
     unknown = set(options) - set(DISPLAY_OPTIONS)
     if unknown:
         raise ValueError(f"unknown textworld demo options {sorted(unknown)}; "
@@ -99,11 +106,11 @@ def demonstrations(tasks: Iterable[dict], config: TextWorldConfig, skip_unwon: b
     try:
         for task in tasks:
             if not task.get("walkthrough"):
+                yield None
                 continue
             rng = random.Random(f"textworld-mistakes/{seed}/{task.get('id', task['game'])}")
             demo = demonstration(env, task, rng if mistakes and rng.random() < mistakes else None)
-            if demo["won"] or not skip_unwon:
-                yield demo
+            yield demo if demo["won"] or not skip_unwon else None
     finally:
         env.close()
 
@@ -144,9 +151,10 @@ def demo_pairs(demo: dict) -> list[tuple[str, str]]:
     return [(t["observation"], t["action"]) for t in demo["turns"]]
 
 
-def task_demonstrations(source: TextWorldTasks, split: str, n: int, seed: int = 0, **options: Any) -> Iterator[dict]:
-    """The registered demonstration builder: walkthrough demos for the first n tasks of `split`,
-    replayed in the source's config; `options` override its display keys (DISPLAY_OPTIONS) and
-    `mistakes` is the fraction of demos with a detour; `seed` picks the detours (walkthroughs
-    themselves are deterministic)."""
-    return demonstrations(source.tasks(split)[:n], source.config, seed=seed, **options)
+def task_demonstrations(source: TextWorldTasks, split: str, n: int, seed: int = 0, start: int = 0,
+                        **options: Any) -> Iterator[dict | None]:
+    """The registered demonstration builder: walkthrough demos for the tasks [start, n) of `split`
+    (None where dropped), replayed in the source's config; `options` override its display keys
+    (DISPLAY_OPTIONS) and `mistakes` is the fraction of demos with a detour; `seed` picks the
+    detours (walkthroughs themselves are deterministic)."""
+    return demos_by_task(source.tasks(split)[start:n], source.config, seed=seed, **options)
