@@ -415,6 +415,63 @@ def test_demonstrations_replay_the_expert_and_detours_recover(source, cfg):
     assert stats["detour_share"] == with_detour / 6 and stats["demos/pick_two_obj_and_place"] == 1
 
 
+def test_search_prior_ranks_by_finds_per_receptacle_and_the_cost_of_opening():
+    from envs.alfworld.search import SearchPrior, contents
+
+    plans = [["go to cabinet 3", "open cabinet 3", "take apple 1 from cabinet 3"],
+             ["go to cabinet 5", "open cabinet 5", "take apple 2 from cabinet 5"],
+             ["go to countertop 1", "take apple 1 from countertop 1"],
+             ["go to sidetable 1", "take book 1 from sidetable 1", "go to desk 1", "use desklamp 1"]]
+    room = ["cabinet 2", "cabinet 1", "drawer 1", "countertop 1", "desk 1"]
+    # Without room sizes, two finds in cabinets (opened: two commands a look) weigh as one on a countertop
+    # and a tie goes to the room's order; in FloorPlan7 (13 cabinets, one countertop) the countertop leads
+    unsized = SearchPrior([{"walkthrough": w, "floor_plan": None} for w in plans])
+    assert unsized.order("apple", room)[:3] == ["cabinet 2", "cabinet 1", "countertop 1"]
+    kitchen = SearchPrior([{"walkthrough": w, "floor_plan": 7} for w in plans])
+    assert kitchen.order("apple", room)[:3] == ["countertop 1", "cabinet 2", "cabinet 1"]
+    assert kitchen.order("desklamp", room)[0] == "desk 1"  # a lamp is looked for where plans used one
+    assert contents("You open the drawer 2. The drawer 2 is open. In it, you see a knife 1, and a fork 3.") == [
+        ("knife 1", "drawer 2"), ("fork 3", "drawer 2")]
+    assert contents("You arrive at shelf 2. On the shelf 2, you see a creditcard 1, and a floorlamp 1.") == [
+        ("creditcard 1", "shelf 2"), ("floorlamp 1", "shelf 2")]
+    assert contents("You arrive at cabinet 4. The cabinet 4 is closed.") == []
+
+
+def test_searching_demos_go_where_the_prior_says_until_they_see_what_they_want_and_win(source, cfg):
+    """The planner knows where everything is; the searching expert walks the receptacles in the
+    prior's order (a function of the task, the room's list and the train games only) until an
+    observation shows what it wants, takes it only there, and still wins."""
+    from envs.alfworld.search import SearchPrior, contents, kind, room_receptacles
+
+    train = source.tasks("train")
+    prior = SearchPrior(train)
+    demos = list(envs.demos_by_task("alfworld", source, "train", n=len(train), seed=0, search=True))
+    assert sum(d is not None for d in demos) >= len(train) - 1
+    searched = 0
+    for demo in filter(None, demos):
+        assert demo["won"]
+        first_take = next(a for a in demo["task"]["walkthrough"] if a.startswith("take "))
+        order = prior.order(kind(" ".join(first_take.split()[1:3])), room_receptacles(demo["turns"][0]["observation"]))
+        shown, here, route = set(), None, []
+        for turn in demo["turns"]:
+            shown.update(contents(turn["observation"]))
+            action = turn["action"]
+            if action.startswith("take "):
+                thing, where = " ".join(action.split()[1:3]), action.split(" from ")[1]
+                assert (thing, where) in shown and where == here, (action, demo["task"]["walkthrough"])
+                if not route or route[-1] is not None:
+                    route.append(None)  # the search for the first object is over
+            if action.startswith("go to "):
+                here = action[6:]
+                route.append(here)
+        first_search = route[:route.index(None)]
+        assert first_search == order[:len(first_search)], (first_search, order)
+        searched += first_search[0] != demo["task"]["walkthrough"][0][6:]
+    assert searched >= 1  # somewhere the object was not where the search looked first
+    stats = envs.spec("alfworld").demo_stats([d for d in demos if d])
+    assert stats["mean_turns"] > sum(len(t["walkthrough"]) for t in train) / len(train)
+
+
 def test_eval_stats_are_per_task_type():
     records = [{"task": {"task_type": "pick_two_obj_and_place"}, "won": True},
                {"task": {"task_type": "pick_two_obj_and_place"}, "won": False},
