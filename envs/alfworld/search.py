@@ -20,6 +20,7 @@ import re
 from collections import Counter, defaultdict
 from typing import Iterable
 
+from ..textworld.demos import detour_command, flatten_demo
 from ..textworld.env import ADMISSIBLE_PREFIX
 from .env import AlfWorldEnv
 from .layouts import room
@@ -118,8 +119,6 @@ def contents(reply: str) -> list[tuple[str, str]]:
 def searching_demonstration(env: AlfWorldEnv, task: dict, prior: SearchPrior, detour_rng=None) -> dict:
     """Play `task` with the searching expert (above); with `detour_rng`, one random admissible
     command at a random turn (marked {"expert": False}), as the planner's demos take."""
-    from ..textworld.demos import flatten_demo
-
     obs, info = env.reset(options={"task": task})
     goal_words = set(re.findall(r"[a-z]+", task.get("goal") or obs.split("Your task is to:")[-1]))
     receptacles = room_receptacles(obs)
@@ -134,10 +133,9 @@ def searching_demonstration(env: AlfWorldEnv, task: dict, prior: SearchPrior, de
             break
         action, expert = _next(plan, here, seen, looked, receptacles, goal_words, prior, info), True
         if detour_at is not None and len(turns) == detour_at:
-            others = [c for c in info["admissible_actions"] if c != action]
-            if others:
-                verb = detour_rng.choice(sorted({c.split()[0] for c in others}))
-                action, expert = detour_rng.choice([c for c in others if c.split()[0] == verb]), False
+            detour = detour_command(detour_rng, info["admissible_actions"], action)
+            if detour is not None:
+                action, expert = detour, False
         turns.append({"observation": obs, "action": action, **({} if expert else {"expert": False})})
         obs, _, won, truncated, info = env.step(action)
         done = won or truncated

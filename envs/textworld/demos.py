@@ -48,6 +48,16 @@ class TextWorldDemoOptions(DemoOptions):
     mistakes: float = Field(0.0, ge=0, le=1)
 
 
+def detour_command(rng: random.Random, admissible: list[str], expert_action: str) -> str | None:
+    """A random admissible command other than the expert's (None when there is none): a verb
+    first, then one of its commands, since otherwise most detours are "examine ..."."""
+    others = [c for c in admissible if c != expert_action]
+    if not others:
+        return None
+    verb = rng.choice(sorted({c.split()[0] for c in others}))
+    return rng.choice([c for c in others if c.split()[0] == verb])
+
+
 def demonstration(env: TextWorldEnv, task: dict, detour_rng: random.Random | None = None) -> dict:
     """Replay the task's walkthrough in `env`; the demo records every observation and action.
     With `detour_rng` (and an env built with expert=True) one random turn is a detour (above)."""
@@ -61,11 +71,8 @@ def demonstration(env: TextWorldEnv, task: dict, detour_rng: random.Random | Non
     won = terminated = truncated = False
     while plan and not (terminated or truncated):
         if len(turns) == detour_at:
-            others = [c for c in info["admissible_actions"] if c != plan[0]]
-            if others:
-                # A verb first, then one of its commands: otherwise most detours are "examine …"
-                verb = detour_rng.choice(sorted({c.split()[0] for c in others}))
-                action = detour_rng.choice([c for c in others if c.split()[0] == verb])
+            action = detour_command(detour_rng, info["admissible_actions"], plan[0])
+            if action is not None:
                 turns.append({"observation": obs, "action": action, "expert": False})
                 obs, _, terminated, truncated, info = env.step(action)
                 plan = env.expert_plan()
