@@ -32,8 +32,11 @@ class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # bf16/fp16: low-precision weights with fp32 master copies in the optimizer (DeepSpeed's mixed
     # precision). amp_bf16/amp_fp16: fp32 weights, matmuls autocast to 16 bits — on CPUs with
-    # AVX512-BF16 this doubles training speed for small models.
-    precision: Literal["fp32", "bf16", "fp16", "amp_bf16", "amp_fp16"] = "fp32"
+    # AVX512-BF16 or AMX this doubles training speed for small models; on CPUs without them (AVX2
+    # only) oneDNN emulates bf16 and a step ran 11x slower than fp32. auto: amp_bf16 where the
+    # hardware computes in bf16 (a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX), else
+    # fp32 — resolved by each process on its own device (algos/runtime.resolve_runtime).
+    precision: Literal["auto", "fp32", "bf16", "fp16", "amp_bf16", "amp_fp16"] = "fp32"
     zero_stage: int = Field(0, ge=0, le=3)
     offload_optimizer: bool = Field(False, description="ZeRO CPU offload of optimizer state (stages 1-3)")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = torch's default")

@@ -35,7 +35,7 @@ from algos.checkpoint import load_policy, policy_folder
 from algos.config import Experiment
 from algos.data import prepare_data, read_jsonl
 from algos.recipes import build_examples
-from algos.runtime import resolve_device
+from algos.runtime import resolve_runtime
 from algos.sft import IGNORE, BucketedBatches, Example, collate
 
 
@@ -61,7 +61,7 @@ def convert_to_factor(exp: Experiment, source_folder: str | Path, out_folder: st
     if model_type not in ("llama", "turnstile_llama"):  # turnstile_llama: a dense policy with context_broadcast
         raise ValueError(f"{src} holds a {model_type} model (model.arch={source_arch(model_type)}); launch.py "
                          "convert factorises a dense policy (model.arch=llama)")
-    device = resolve_device(exp.runtime)
+    device = resolve_runtime(exp.runtime)
     dense, tokenizer = load_policy(src, device=device)
     torch.manual_seed(exp.seed)  # the routers' initialisation
     model = split_dense(dense, num_experts, top_k)

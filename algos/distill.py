@@ -35,7 +35,7 @@ from algos.checkpoint import load_policy, policy_folder, save_policy
 from algos.config import Experiment
 from algos.data import prepare_data, read_jsonl
 from algos.metrics import MetricsLogger
-from algos.runtime import autocast, init_deepspeed, param_dtype, resolve_device, seed_everything
+from algos.runtime import autocast, init_deepspeed, param_dtype, resolve_runtime, seed_everything
 from algos.sft import IGNORE, BucketedBatches, Example, collate, lr_lambda
 
 # The distillation rate is sft.lr times this: the student starts next to the teacher, and SFT's
@@ -119,7 +119,8 @@ def distill_to_dense(exp: Experiment, teacher_folder: str | Path, out_folder: st
     steps = cfg.steps if steps is None else steps
     lr = cfg.lr * LR_SCALE if lr is None else lr
     seed_everything(exp.seed)
-    device, dtype = resolve_device(exp.runtime), param_dtype(exp.runtime.precision)
+    device = resolve_runtime(exp.runtime)  # resolves runtime.precision=auto too
+    dtype = param_dtype(exp.runtime.precision)
     teacher, tokenizer, teacher_folder = load_teacher(teacher_folder, device, dtype)
     teacher.requires_grad_(False)
     gathered_width(teacher, gather, width)  # a width the method cannot take fails before any data is read

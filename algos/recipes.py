@@ -22,7 +22,7 @@ from algos.data import heldout_tasks, prepare_data, read_jsonl
 from algos.evaluate import evaluate_episodes, evaluate_policy, print_summary, save_eval
 from algos.metrics import MetricsLogger
 from algos.rl import train_rl
-from algos.runtime import apply_threads, param_dtype, resolve_device, seed_everything
+from algos.runtime import apply_threads, param_dtype, resolve_runtime, seed_everything
 from algos.sft import Example, train_sft
 
 
@@ -172,7 +172,7 @@ def evaluate(exp: Experiment, checkpoint: str | Path, split: str | None = None,
              problems_file: str | None = None) -> dict:
     """Run `checkpoint` on a held-out split (default eval.split) or a task file; table + JSON."""
     apply_threads(exp.runtime)
-    device = resolve_device(exp.runtime)
+    device = resolve_runtime(exp.runtime)
     dtype = param_dtype(exp.runtime.precision) if device.type == "cuda" else torch.float32
     model, tokenizer = load_policy(checkpoint, device=device, dtype=dtype)
     name, tasks = heldout_tasks(exp, split, problems_file or exp.eval.problems_file, exp.eval.num_tasks)

@@ -56,14 +56,49 @@ def full_state_dict(engine, dtype: torch.dtype | None = None) -> dict[str, torch
     return copy()
 
 
-def resolve_device(cfg: RuntimeConfig) -> torch.device:
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls in hardware: a CUDA GPU that supports bf16, or a CPU
+    with AVX512-BF16 or AMX. Elsewhere (an AVX2-only CPU) oneDNN emulates them: an SFT step of the
+    TextWorld policy ran at 471 tokens/s under amp_bf16 against 5,319 in fp32 (AMD EPYC, AVX2)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # an older torch: read the flags the kernel reports
+        try:
+            flags = open("/proc/cpuinfo").read()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_runtime(cfg: RuntimeConfig) -> torch.device:
+    """The device this process runs on (runtime.device; auto = this process's CUDA device if it has
+    one), with runtime.precision=auto resolved in place for it: amp_bf16 where bf16 is native
+    (native_bf16), else fp32. Each process resolves its own (a CPU driver and GPU learner ranks
+    differ). An explicit bf16 precision on a CPU that emulates it is kept, with a warning."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("runtime.device=cuda but torch sees no CUDA device; use runtime.device=cpu or auto")
     if cfg.device == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(cfg.device)
+        device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
+                  else torch.device("cpu"))
+    else:
+        device = torch.device(cfg.device)
+    if cfg.precision == "auto":
+        cfg.precision = "amp_bf16" if native_bf16(device) else "fp32"
+    elif "bf16" in cfg.precision and device.type == "cpu" and not native_bf16(device):
+        _warn_once(f"runtime.precision={cfg.precision} on a CPU without AVX512-BF16 or AMX: bf16 is emulated "
+                   "here and training runs ~10x slower than fp32; runtime.precision=auto picks fp32 on such CPUs")
+    return device
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logging.getLogger("turnstile").warning(message)
 
 
 def apply_threads(cfg: RuntimeConfig) -> None:

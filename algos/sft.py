@@ -23,7 +23,7 @@ from agents.moe import RouterTap, expert_stats, parameter_counts
 from algos.checkpoint import latest_checkpoint, load_learner_state, load_policy, save_checkpoint
 from algos.config import Experiment
 from algos.metrics import MetricsLogger
-from algos.runtime import init_deepspeed, param_dtype, resolve_device, rng_state, set_rng_state
+from algos.runtime import init_deepspeed, param_dtype, resolve_runtime, rng_state, set_rng_state
 
 IGNORE = -100  # label value the cross-entropy skips
 
@@ -116,7 +116,7 @@ def train_sft(exp: Experiment, examples: list[Example], tokenizer, run_dir: str 
     `evaluate(model, step) -> dict` (optional) runs every `sft.eval_every` steps.
     """
     cfg, run_dir = exp.sft, Path(run_dir)
-    device = resolve_device(exp.runtime)
+    device = resolve_runtime(exp.runtime)
     torch.manual_seed(exp.seed)
     if cfg.init_from:  # e.g. a converted policy (launch.py convert); `tokenizer` is its own (recipes.build_tokenizer)
         model = load_policy(cfg.init_from)[0]

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
 
 from algos.config import ConfigError, load_config
@@ -132,3 +133,28 @@ def test_demo_options_at_their_default_share_the_data_cache(tiny_recipe):
     plain = data_folder(load_config(tiny_recipe))
     assert data_folder(load_config(tiny_recipe, ["sft.demos.beams=[1,2,3,4,5]"])) == plain  # the env's default
     assert data_folder(load_config(tiny_recipe, ["sft.demos.beams=[1]"])) != plain
+
+
+def test_precision_auto_is_amp_bf16_only_where_bf16_is_native(monkeypatch, caplog):
+    """runtime.precision=auto resolves per process: amp_bf16 on a CPU with AVX512-BF16/AMX, fp32 on one
+    that would emulate bf16 (~10x slower); an explicit amp_bf16 on such a CPU is kept, with a warning."""
+    import logging
+
+    from algos import runtime
+    from algos.config import RuntimeConfig
+
+    for native, expected in ((True, "amp_bf16"), (False, "fp32")):
+        monkeypatch.setattr(runtime, "native_bf16", lambda device, n=native: n)
+        cfg = RuntimeConfig(device="cpu", precision="auto")
+        assert runtime.resolve_runtime(cfg).type == "cpu"
+        assert cfg.precision == expected
+        assert runtime.param_dtype(cfg.precision) is torch.float32  # amp keeps fp32 weights
+    monkeypatch.setattr(runtime, "_WARNED", set())
+    cfg = RuntimeConfig(device="cpu", precision="amp_bf16")
+    with caplog.at_level(logging.WARNING, logger="turnstile"):
+        runtime.resolve_runtime(cfg)
+    assert cfg.precision == "amp_bf16" and "runtime.precision=amp_bf16" in caplog.text
+    # what this machine reports is one of the two, and a recipe left at auto resolves to a real precision
+    cfg = load_config("configs/countdown3_sos.yaml").runtime
+    runtime.resolve_runtime(cfg)
+    assert cfg.precision in ("amp_bf16", "fp32")
