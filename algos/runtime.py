@@ -5,6 +5,7 @@ import logging
 import os
 import random
 import socket
+import warnings
 from typing import Any
 
 import numpy as np
@@ -87,18 +88,9 @@ def resolve_runtime(cfg: RuntimeConfig) -> torch.device:
     if cfg.precision == "auto":
         cfg.precision = "amp_bf16" if native_bf16(device) else "fp32"
     elif "bf16" in cfg.precision and device.type == "cpu" and not native_bf16(device):
-        _warn_once(f"runtime.precision={cfg.precision} on a CPU without AVX512-BF16 or AMX: bf16 is emulated "
-                   "here and training runs ~10x slower than fp32; runtime.precision=auto picks fp32 on such CPUs")
+        warnings.warn(f"runtime.precision={cfg.precision} on a CPU without AVX512-BF16 or AMX: bf16 is emulated "
+                      "here and training runs ~10x slower than fp32; runtime.precision=auto picks fp32 on such CPUs")
     return device
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        logging.getLogger("turnstile").warning(message)
 
 
 def apply_threads(cfg: RuntimeConfig) -> None:
