@@ -39,7 +39,8 @@ class RuntimeConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16", "amp_bf16", "amp_fp16"] = "fp32"
     zero_stage: int = Field(0, ge=0, le=3)
     offload_optimizer: bool = Field(False, description="ZeRO CPU offload of optimizer state (stages 1-3)")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = torch's default")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; None = the cores free to the "
+                                "process (its CPU affinity, capped by a cgroup CPU quota)")
 
 
 class DemoConfig(BaseModel):

@@ -155,3 +155,55 @@ def test_precision_auto_is_amp_bf16_only_where_bf16_is_native(monkeypatch):
     cfg = load_config("configs/countdown3_sos.yaml").runtime
     runtime.resolve_runtime(cfg)
     assert cfg.precision in ("amp_bf16", "fp32")
+
+
+def test_threads_default_to_the_free_cores_and_busy_cores_are_warned(monkeypatch, tmp_path):
+    """runtime.threads=None sets torch to the cores this process may use (its affinity, capped by a
+    cgroup quota), not the host's; a load average that says other jobs keep cores busy is warned
+    about, naming the threads to set; this process's own load is not counted as contention."""
+    import os
+    import warnings
+
+    from algos import runtime
+    from algos.config import RuntimeConfig
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # e.g. under taskset -c 0
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+        monkeypatch.setattr(runtime, "own_cpu_rate", lambda: 0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # an idle machine: no notice
+            assert runtime.apply_threads(RuntimeConfig()) == 1
+        assert torch.get_num_threads() == 1
+        with pytest.warns(UserWarning, match=r"2 torch threads on the 1 cores .* runtime\.threads=1"):
+            assert runtime.apply_threads(RuntimeConfig(threads=2)) == 2  # an explicit count wins, with a notice
+        assert torch.get_num_threads() == 2
+
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+        monkeypatch.setattr(os, "getloadavg", lambda: (1.1, 1.0, 0.5))  # another job keeps a core busy
+        with pytest.warns(UserWarning, match=r"load average is 1\.1 .* runtime\.threads=1"):
+            assert runtime.apply_threads(RuntimeConfig()) == 2
+        assert runtime.busy_cores_notice(threads=1, cores=2) is None  # one thread fits beside it
+        monkeypatch.setattr(runtime, "own_cpu_rate", lambda: 1.0)  # the load is this process's own
+        assert runtime.busy_cores_notice(threads=2, cores=2) is None
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_free_cores_reads_a_cgroup_cpu_quota(monkeypatch, tmp_path):
+    """A container given 1.5 CPUs on an 8-core host gets 2 threads, not 8."""
+    import builtins
+    import os
+
+    from algos import runtime
+
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(quota if f == "/sys/fs/cgroup/cpu.max" else f,
+                                                                       *a, **k))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert runtime.free_cores() == 2
+    quota.write_text("max 100000\n")
+    assert runtime.free_cores() == 8
