@@ -123,7 +123,7 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
         tqdm.write(f"resumed from {ck} at iteration {start}")
 
     spec = WorkerSpec(policy_folder=str(init), env_name=exp.env.name, env_options=exp.env_options(),
-                      max_episode_tokens=exp.model.max_seq_len)
+                      max_episode_tokens=exp.model.max_seq_len, precision=exp.runtime.precision)
     pool = RolloutPool(spec, exp.rollout, exp.ray)
     log = MetricsLogger(run_dir, resume_from=start if resume else None)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import platform
 import random
 import socket
 import time
@@ -73,6 +74,38 @@ def native_bf16(device: torch.device) -> bool:
         except OSError:
             return False
         return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# the CPU flags that move this project's numbers, strongest first: AMX tiles and AVX512-BF16 make
+# bf16 matmuls native (docs/rollout.md has one table per kind), AVX2-only CPUs emulate bf16
+MATRIX_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
+
+
+def cpu_model() -> tuple[str, list[str]]:
+    """(the CPU's model name, which of MATRIX_FLAGS it reports), from /proc/cpuinfo."""
+    fields: dict[str, str] = {}
+    try:
+        for line in open("/proc/cpuinfo"):  # the first processor's block is enough
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():
+                break
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    return name, [f for f in MATRIX_FLAGS if f in fields.get("flags", "").split()]
+
+
+def machine_name() -> str:
+    """What a speed figure was measured on, for a bench's header: the CPU model, its matrix
+    extensions, the cores free to this process, and the CUDA GPUs when torch sees any. E.g.
+    'Intel(R) Xeon(R) Processor (amx_bf16, avx512_bf16, avx512f, avx2), 2 cores'."""
+    name, flags = cpu_model()
+    text = f"{name} ({', '.join(flags) or 'no AVX2'}), {free_cores()} cores"
+    if torch.cuda.is_available():
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        text += "; GPU " + ", ".join(f"{n} x{gpus.count(n)}" for n in dict.fromkeys(gpus))
+    return text
 
 
 def resolve_runtime(cfg: RuntimeConfig) -> torch.device:

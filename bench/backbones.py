@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -34,16 +33,6 @@ if str(ROOT) not in sys.path:
 ARCHS = ["llama", "moe", "mod", "routed_attention", "monarch", "factor", "ones"]
 # not trained from scratch: made from another arch's trained SFT policy (which must be run first)
 DERIVED = {"factor": "llama", "ones": "moe"}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _median(metrics_file: Path, key: str) -> float | None:
@@ -126,6 +115,8 @@ def _active(arch: str, model, total: int) -> int:
 
 
 def main(argv=None) -> int:
+    from algos.runtime import machine_name
+
     from algos.malloc import rerun_with_mimalloc
 
     rerun_with_mimalloc()  # as launch.py: glibc's malloc grows bf16 CPU training by gigabytes
@@ -149,7 +140,7 @@ def main(argv=None) -> int:
             continue
         rows[arch] = run_arch(arch, args.recipe, out, args.sets, args.convert_steps, args.distill_steps)
         table.write_text(json.dumps(rows, indent=2))
-    print(f"\n{args.recipe} per arch ({cpu_name()}; test split, {rows[args.archs[0]].get('tasks')} tasks, one seed)\n")
+    print(f"\n{args.recipe} per arch ({machine_name()}; test split, {rows[args.archs[0]].get('tasks')} tasks, one seed)\n")
     print("| arch | params | active | SFT greedy | SFT sampled | RL greedy | RL sampled | SFT tok/s | rollout tok/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 

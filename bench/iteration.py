@@ -75,7 +75,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -194,7 +193,8 @@ def turnstile_child(spec: dict) -> dict:
     tasks = bench_tasks(exp, spec["tasks"])
     learner, _ = make_learner(exp, spec["policy"])
     pool = RolloutPool(WorkerSpec(policy_folder=spec["policy"], env_name=exp.env.name, env_options=exp.env_options(),
-                                  max_episode_tokens=exp.model.max_seq_len), exp.rollout, exp.ray)
+                                  max_episode_tokens=exp.model.max_seq_len, precision=exp.runtime.precision),
+                        exp.rollout, exp.ray)
     # every process of the row: the driver (and its env threads), the workers, the learner ranks
     pids = [os.getpid()] + ([] if pool.local else ray.get([a.ping.remote() for a in pool.actors]))
     pids += learner.pids() if hasattr(learner, "pids") else []
@@ -419,22 +419,6 @@ def run_child(spec: dict, tmp: Path, timeout: float) -> dict | str:
     return "failed: " + " / ".join(t.strip()[:200] for t in tail)
 
 
-# -- the machine ----------------------------------------------------------------------------------
-
-def cpu_name() -> str:
-    """The CPU model and the flags that move these numbers (lscpu; /proc/cpuinfo as a fallback)."""
-    name, flags = platform.processor() or "unknown CPU", ""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        name = fields.get("Model name", name).strip()
-        flags = fields.get("Flags", "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    have = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags.split()]
-    return f"{name} ({', '.join(have) or 'no AVX-512'})"
-
-
 # -- main -------------------------------------------------------------------------------------------
 
 def best(res: dict) -> dict:
@@ -442,6 +426,8 @@ def best(res: dict) -> dict:
 
 
 def main() -> None:
+    from algos.runtime import machine_name
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="configs/countdown3_grpo.yaml")
     ap.add_argument("--policy", help="run / checkpoint / save_pretrained folder; default: the first of "
@@ -509,7 +495,7 @@ def main() -> None:
           f"GRPO step, fp32, {args.threads} threads per row; torch {torch.__version__}, transformers "
           f"{transformers.__version__}, TRL {trl_version or 'not installed'}, "
           f"{time.strftime('%Y-%m-%d', time.gmtime())}")
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; load average (1 min) {load_before[0]:.2f} before, "
+    print(f"machine: {machine_name()}; load average (1 min) {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after (5 min: {load_before[1]:.2f} / {load_after[1]:.2f})")
     print("seconds = the fastest of the timed iterations after 1 warm-up, split into its phases; CPU s = the CPU "
           "seconds all the row's processes used in it (driver, rollout workers, learner ranks; not Ray's daemons); "
@@ -568,7 +554,7 @@ def main() -> None:
     if max(load_before[0], load_after[0]) > 0.5 + args.threads or os.cpu_count() < 2 * args.threads:
         print("WARNING: the machine was loaded (load average above the cores this bench uses): the numbers are noisy")
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "policy": policy_name, "cpu": cpu_name(),
+        Path(args.out).write_text(json.dumps({"args": vars(args), "policy": policy_name, "cpu": machine_name(),
                                               "loadavg_before": load_before, "loadavg_after": load_after,
                                               "trl": trl_version, "rows": rows_out}, indent=1))
 

@@ -371,7 +371,10 @@ def main() -> None:
     # a second, shorter peak measurement: a drop means other processes took the cores during the run
     peak_after = {p: matmul_peak(p, args.peak_n, 1.0) for p in ("fp32", "bf16")}
     labels = {fw: label.format(trl=f"{trl_version} " if trl_version else "") for fw, (label, _) in FRAMEWORKS.items()}
-    print(f"\ntorch {torch.__version__}, transformers {transformers.__version__}, TRL {trl_version or 'not installed'}"
+    from algos.runtime import machine_name
+
+    print(f"\nmachine: {machine_name()}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, TRL {trl_version or 'not installed'}"
           f", {args.threads} threads, {time.strftime('%Y-%m-%d', time.gmtime())}; precision {args.precision}; "
           f"P x G = {args.prompts} x {args.group}, Lp {args.prompt_len}, Lc {args.completion_len}, "
           f"micro-batch {args.micro_batch}; s/step = fastest of the timed steps after {args.warmup} warm-up")

@@ -273,7 +273,10 @@ def main() -> None:
                 rows.append(Row(name, mscen, f"{label} (prefix caching)", *res["multi"]))
 
     compiled = "on" if eng._decoder is not None and eng._decoder.attend_one is not None else "off"
-    print(f"\ntorch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads}, "
+    from algos.runtime import machine_name
+
+    print(f"\nmachine: {machine_name()}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads}, "
           f"{time.strftime('%Y-%m-%d', time.gmtime())}; {args.dtype}, compiled decode attention {compiled}, "
           f"sampling T=1 with log-probs, prompt lengths {args.prompt_len[0]}-{args.prompt_len[1]}")
     header = (f"| {'model':<18} | {'workload':<34} | {'backend':<26} | {'tokens':>6} | {'s':>6} | {'tokens/s':>8} "

@@ -40,7 +40,8 @@ def bench(recipe: str, policy: str, workers: list[int], cores: int, tasks_n: int
     source = envs.make_tasks(exp.env.name, **exp.env_options())
     tasks = source.tasks("train")[:tasks_n]
     spec = WorkerSpec(policy_folder=str(policy_folder(policy)), env_name=exp.env.name,
-                      env_options=exp.env_options(), max_episode_tokens=exp.model.max_seq_len)
+                      env_options=exp.env_options(), max_episode_tokens=exp.model.max_seq_len,
+                      precision=exp.runtime.precision)
     rows = []
     for n in workers:
         threads = max(1, cores // n)
@@ -81,8 +82,10 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from algos.runtime import machine_name
+
     table = Table(title=f"rollout workers: {args.recipe}, {args.tasks} tasks x {args.group} episodes x "
-                        f"{args.rounds} rounds, {args.cores} cores")
+                        f"{args.rounds} rounds, {args.cores} cores; {machine_name()}")
     for col in ("workers", "threads each", "episodes", "env steps", "seconds", "steps/s", "episodes/s",
                 "policy tokens/s", "vs 1 worker"):
         table.add_column(col, justify="right")

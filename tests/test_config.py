@@ -74,6 +74,41 @@ def test_rollout_placement_defaults_and_refuses_a_gpu_worker_without_a_gpu(tiny_
     assert engine_placement(gpu_worker) == ("cuda", "bfloat16")
 
 
+def test_rollout_dtype_auto_is_bf16_on_a_native_bf16_cpu_when_the_recipe_trains_in_bf16(tiny_recipe, monkeypatch):
+    """dtype auto on a CPU: bf16 only where the CPU computes it natively and the recipe's precision is a
+    bf16 one (or auto); an fp32 recipe keeps exact fp32 rollouts, an emulating CPU never gets bf16."""
+    import torch
+
+    from algos import runtime
+    from rollout.worker import engine_placement
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load_config(tiny_recipe).rollout
+    for native in (True, False):
+        monkeypatch.setattr(runtime, "native_bf16", lambda device, n=native: n)
+        for precision in ("auto", "amp_bf16", "bf16", "fp32", "amp_fp16"):
+            want = "bfloat16" if native and precision in ("auto", "amp_bf16", "bf16") else "float32"
+            assert engine_placement(cfg, precision) == ("cpu", want), (native, precision)
+    # an explicit dtype is kept whatever the CPU
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: True)
+    assert engine_placement(load_config(tiny_recipe, ["rollout.dtype=float32"]).rollout, "amp_bf16") == ("cpu", "float32")
+
+
+def test_machine_name_names_the_cpu_model_and_its_matrix_extensions(monkeypatch, tmp_path):
+    import builtins
+
+    from algos import runtime
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2 avx512f amx_bf16\n\n"
+                       "processor\t: 1\nmodel name\t: other\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k))
+    monkeypatch.setattr(runtime, "free_cores", lambda: 3)
+    assert runtime.cpu_model() == ("Test CPU 9000", ["amx_bf16", "avx512f", "avx2"])
+    name = runtime.machine_name()
+    assert name.startswith("Test CPU 9000 (amx_bf16, avx512f, avx2), 3 cores")
+
 def test_unknown_env_name_suggests(tiny_recipe):
     with pytest.raises(ConfigError, match=r"unknown env.name 'countdwn'.*did you mean 'countdown'"):
         load_config(tiny_recipe, ["env.name=countdwn"])
