@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from algos import recipes
     from algos.checkpoint import CheckpointError
     from algos.config import ConfigError, load_config
+    from algos.run_folder import STORAGE_ERRNOS, RunFolderError, storage_error
     from envs import EnvConfigError
 
     try:
@@ -137,10 +138,15 @@ def main(argv: list[str] | None = None) -> int:
             from algos.convert import convert_to_factor
 
             convert_to_factor(exp, args.source, args.out, args.steps, lm_loss=args.lm_loss)
-    except (ConfigError, CheckpointError, EnvConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, EnvConfigError, FileNotFoundError, ValueError, RunFolderError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only folder met outside a checkpoint write: what and where
+        if args.debug or e.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"error: {storage_error(e, e.filename or '.', f'running {args.command}')}", file=sys.stderr)
         return 2
     return 0
 

@@ -6,6 +6,7 @@ Layout of one checkpoint (`<run>/checkpoints/step_0000200/`):
     critic/    the same for PPO's critic (its own engine and optimizer)
     state.pt   step, data cursor, RNG states, anything the loop needs to continue
     COMPLETE   written last: a checkpoint without it was cut off mid-save and is ignored
+It is written as `.partial_step_0000200/` and renamed into place when complete;
 `<run>/checkpoints/latest` names the newest complete one.
 """
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import Any
 import torch
 
 from agents.model import PolicyLoadError, load_pretrained
+from algos.run_folder import storage_error
 from algos.runtime import barrier, dist_rank_world, full_state_dict
 
 COMPLETE = "COMPLETE"
+PARTIAL = ".partial_"  # a checkpoint being written: renamed to step_* when complete
 
 
 class CheckpointError(RuntimeError):
@@ -39,8 +42,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def save_checkpoint(run_dir: str | Path, step: int, engine, tokenizer, state: dict[str, Any], keep: int,
                     critic=None) -> Path:
-    """Write checkpoint `step` (the policy's engine, and PPO's critic engine when given); COMPLETE
-    and the `latest` pointer come last, so a save cut off midway is never resumed from.
+    """Write checkpoint `step` (the policy's engine, and PPO's critic engine when given) into a
+    hidden `.partial_step_*` folder, and rename it into place only when complete (COMPLETE inside,
+    then the `latest` pointer): a save cut off midway, by a kill or a full disk, is never resumed
+    from, and the previous checkpoint stays valid. A failed write removes the partial folder and
+    raises RunFolderError saying what ran out and where.
 
     With several learner ranks every rank calls this (DeepSpeed writes each rank's partition of the
     weights and optimizer; under ZeRO-3 gathering the weights is collective too) and rank 0 writes
@@ -48,18 +54,32 @@ def save_checkpoint(run_dir: str | Path, step: int, engine, tokenizer, state: di
     rank = dist_rank_world()[0]
     root = checkpoint_root(run_dir)
     ck = root / f"step_{step:07d}"
+    partial = root / f"{PARTIAL}{ck.name}"
+    try:
+        if rank == 0:
+            for stale in root.glob(f"{PARTIAL}*"):  # left by a run killed mid-save
+                shutil.rmtree(stale, ignore_errors=True)
+            partial.mkdir(parents=True)
+        barrier()
+        engine.save_checkpoint(str(partial / "learner"), tag="state")
+        if critic is not None:
+            critic.save_checkpoint(str(partial / "critic"), tag="state")
+        save_policy(engine, tokenizer, partial / "model")
+        if rank == 0:
+            torch.save(state, partial / "state.pt")
+            (partial / COMPLETE).touch()
+    except (OSError, RuntimeError) as e:
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise storage_error(e, root, f"writing checkpoint {ck.name}") from e
     if rank == 0:
-        if ck.exists():
-            shutil.rmtree(ck)
-        ck.mkdir(parents=True)
-    barrier()
-    engine.save_checkpoint(str(ck / "learner"), tag="state")
-    if critic is not None:
-        critic.save_checkpoint(str(ck / "critic"), tag="state")
-    save_policy(engine, tokenizer, ck / "model")
-    if rank == 0:
-        torch.save(state, ck / "state.pt")
-        (ck / COMPLETE).touch()
+        if ck.exists():  # the same step saved again (a resumed run): the new one replaces it
+            old = root / f"{PARTIAL}old_{ck.name}"
+            os.replace(ck, old)
+            os.replace(partial, ck)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(partial, ck)
         _write_atomic(root / "latest", ck.name)
         complete = sorted(p for p in root.glob("step_*") if (p / COMPLETE).exists())
         for old in complete[:-keep]:

@@ -7,6 +7,7 @@ that names the key, where it came from (the file or the command line) and the cl
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -266,8 +267,21 @@ class ConfigError(ValueError):
 
 
 def _describe(err: dict, schema: type[BaseModel], prefix: tuple, origin, extra_keys: tuple[str, ...] = ()) -> str:
-    return envs.describe_error(err, schema, prefix, origin(".".join(prefix + tuple(map(str, err["loc"])))),
-                               extra_keys)
+    loc = prefix + tuple(map(str, err["loc"]))
+    if err["type"] == "value_error" and (not err["loc"] or isinstance(err.get("input"), dict)):
+        # a cross-field check of a whole section (or of the recipe): its message names the keys it
+        # read; blame the one the command line set, if any, else the first one named under the section
+        section = ".".join(loc)
+        named = [k for k in dict.fromkeys(_DOTTED_KEY.findall(err["msg"]))
+                 if not section or k.startswith(section + ".")]
+        if named:
+            blamed = next((k for k in named if origin(k) == "command-line override"), named[0])
+            loc = tuple(blamed.split("."))
+            err = {**err, "loc": loc[len(prefix):]}
+    return envs.describe_error(err, schema, prefix, origin(".".join(loc)), extra_keys)
+
+
+_DOTTED_KEY = re.compile(r"\b[a-z_]+(?:\.[a-z_][a-z_0-9]*)+\b")  # e.g. rl.group_size in an error message
 
 
 def _read_recipe(path: Path, chain: tuple[Path, ...] = ()):
@@ -307,7 +321,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
 
     def origin(key: str) -> str:
-        return "command-line override" if key in override_keys else f"in {path}"
+        """Where `key` was set: the command line when an override set it, a key inside it (`foo.bar=1`
+        for an unknown section `foo`) or the section holding it; else the recipe file."""
+        overridden = any(o == key or o.startswith(key + ".") or key.startswith(o + ".") for o in override_keys)
+        return "command-line override" if overridden else f"in {path}"
 
     data.setdefault("name", path.stem)
     data.setdefault("out_dir", f"runs/{data['name']}")

@@ -22,6 +22,7 @@ from algos.data import heldout_tasks, prepare_data, read_jsonl
 from algos.evaluate import evaluate_episodes, evaluate_policy, print_summary, save_eval
 from algos.metrics import MetricsLogger
 from algos.rl import train_rl
+from algos.run_folder import holds_run_folder
 from algos.runtime import apply_threads, param_dtype, resolve_runtime, seed_everything
 from algos.sft import Example, train_sft
 
@@ -85,6 +86,7 @@ def build_examples(exp: Experiment, demos: list[dict], tokenizer) -> list[Exampl
     return examples
 
 
+@holds_run_folder
 def sft(exp: Experiment, resume: bool = False) -> dict:
     """Generate data, train the tokenizer and the policy (evaluated on the valid split every
     sft.eval_every steps), then evaluate it on the test split (eval.split)."""
@@ -124,6 +126,7 @@ def sft_policy_folder(exp: Experiment) -> Path:
     return Path(exp.rl.init_from) if exp.rl and exp.rl.init_from else Path(exp.out_dir) / "sft"
 
 
+@holds_run_folder
 def train(exp: Experiment, resume: bool = False) -> dict:
     """The recipe end to end: SFT (skipped when its policy exists), then the RL stage if any."""
     if exp.rl is None:

@@ -35,6 +35,7 @@ from algos.data import heldout_tasks
 from algos.evaluate import env_eval_stats, episode_records, print_summary, save_eval, summarize
 from algos.metrics import MetricsLogger
 from algos.ranks import make_learner
+from algos.run_folder import holds_run_folder
 from algos.runtime import apply_threads, rng_state, seed_everything, set_rng_state
 from rollout.runner import episode_seed
 from rollout.trajectory import Trajectory
@@ -98,6 +99,7 @@ def informative_groups(trajs: list[Trajectory], want: int, max_refills: int, pla
     return [t for g in kept[:want] for t in g], rounds
 
 
+@holds_run_folder
 def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
              stop_after: int | None = None, before: dict | None = None) -> dict:
     """Run the RL stage of `exp` from the policy in `init_from`; returns the before/after evals.

@@ -40,7 +40,8 @@ class RolloutConfig(BaseModel):
         "with gpus_per_worker > 0), else cpu")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="engine weights and KV cache; auto = bfloat16 on cuda, and on a cpu with native bf16 "
-        "(AMX or AVX512-BF16) when runtime.precision is auto, bf16 or amp_bf16, else float32 (the learner corrects "
+        "(AMX or AVX512-BF16) for a policy of hidden_size >= 512 when runtime.precision is auto, bf16 or amp_bf16, "
+        "else float32 (the learner corrects "
         "the sampling/learner log-prob gap with truncated importance sampling); the run log says which")
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads in a worker; None = its CPUs")
     resources: dict[str, float] = Field(

@@ -52,15 +52,20 @@ class WorkerSpec:
     precision: str = "fp32"
 
 
-def engine_placement(cfg: RolloutConfig, precision: str = "fp32") -> tuple[str, str]:
+# Below this width a CPU engine runs faster in fp32 even where bf16 is native: the 1.1M policy
+# (hidden 128) decoded at 0.70x fp32's speed in bf16 on an AVX512-BF16 EPYC, where the 25.6M one
+# (hidden 512) ran 0.99x single-turn and 1.88x with sessions (1.19x / 1.36x on a Xeon with AMX).
+BF16_MIN_HIDDEN = 512
+
+
+def engine_placement(cfg: RolloutConfig, precision: str = "fp32", hidden_size: int | None = None) -> tuple[str, str]:
     """(device, dtype) of this process's engine from `rollout.device` / `rollout.dtype`. Resolved
     inside the worker: a Ray actor sees a GPU only if it reserved one (gpus_per_worker).
 
     dtype auto: bfloat16 on CUDA; on a CPU, bfloat16 where the recipe trains in bf16 (`precision`:
-    runtime.precision amp_bf16, bf16 or auto) and the CPU computes it natively (AMX or AVX512-BF16:
-    the engine ran 1.2x faster single-turn and 1.36x with sessions than in fp32 on a Xeon with AMX,
-    1.5x on an AVX-512 EPYC; docs/rollout.md), else float32 (exact log-probs, and the only fast
-    choice where bf16 is emulated)."""
+    runtime.precision amp_bf16, bf16 or auto), the CPU computes it natively (AMX or AVX512-BF16) and
+    the policy is wide enough to gain from it (`hidden_size` ≥ BF16_MIN_HIDDEN; docs/rollout.md has
+    the tables), else float32 (exact log-probs, and the only fast choice where bf16 is emulated)."""
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -73,12 +78,12 @@ def engine_placement(cfg: RolloutConfig, precision: str = "fp32") -> tuple[str, 
         return device, "bfloat16"
     from algos.runtime import native_bf16  # here, not at the top: algos.config imports this module
 
-    wants_bf16 = precision == "auto" or "bf16" in precision
+    wants_bf16 = (precision == "auto" or "bf16" in precision) and (hidden_size or 0) >= BF16_MIN_HIDDEN
     return device, "bfloat16" if wants_bf16 and native_bf16(torch.device("cpu")) else "float32"
 
 
 def make_engine(backend: str, model, tokenizer, spec: WorkerSpec, cfg: RolloutConfig):
-    device, dtype = engine_placement(cfg, spec.precision)
+    device, dtype = engine_placement(cfg, spec.precision, getattr(model.config, "hidden_size", None))
     if cfg.dtype == "auto":
         from algos.runtime import machine_name
 

@@ -75,8 +75,9 @@ def test_rollout_placement_defaults_and_refuses_a_gpu_worker_without_a_gpu(tiny_
 
 
 def test_rollout_dtype_auto_is_bf16_on_a_native_bf16_cpu_when_the_recipe_trains_in_bf16(tiny_recipe, monkeypatch):
-    """dtype auto on a CPU: bf16 only where the CPU computes it natively and the recipe's precision is a
-    bf16 one (or auto); an fp32 recipe keeps exact fp32 rollouts, an emulating CPU never gets bf16."""
+    """dtype auto on a CPU: bf16 only where the CPU computes it natively, the recipe's precision is a
+    bf16 one (or auto) and the policy is 512 wide or more; an fp32 recipe keeps exact fp32 rollouts, an
+    emulating CPU never gets bf16."""
     import torch
 
     from algos import runtime
@@ -88,10 +89,13 @@ def test_rollout_dtype_auto_is_bf16_on_a_native_bf16_cpu_when_the_recipe_trains_
         monkeypatch.setattr(runtime, "native_bf16", lambda device, n=native: n)
         for precision in ("auto", "amp_bf16", "bf16", "fp32", "amp_fp16"):
             want = "bfloat16" if native and precision in ("auto", "amp_bf16", "bf16") else "float32"
-            assert engine_placement(cfg, precision) == ("cpu", want), (native, precision)
+            assert engine_placement(cfg, precision, hidden_size=512) == ("cpu", want), (native, precision)
+            # a narrow policy decodes faster in fp32 whatever the CPU
+            assert engine_placement(cfg, precision, hidden_size=128) == ("cpu", "float32"), (native, precision)
     # an explicit dtype is kept whatever the CPU
     monkeypatch.setattr(runtime, "native_bf16", lambda device: True)
-    assert engine_placement(load_config(tiny_recipe, ["rollout.dtype=float32"]).rollout, "amp_bf16") == ("cpu", "float32")
+    assert engine_placement(load_config(tiny_recipe, ["rollout.dtype=float32"]).rollout, "amp_bf16", 512) == ("cpu", "float32")
+    assert engine_placement(load_config(tiny_recipe, ["rollout.dtype=bfloat16"]).rollout, "fp32", 64) == ("cpu", "bfloat16")
 
 
 def test_machine_name_names_the_cpu_model_and_its_matrix_extensions(monkeypatch, tmp_path):

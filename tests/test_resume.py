@@ -82,12 +82,13 @@ def test_ppo_resume_after_a_kill_during_a_checkpoint_write(tmp_path, uninterrupt
     cut = rl_experiment(tmp_path, **PPO)
     with pytest.raises(KeyboardInterrupt):
         train_rl(cut, folder)
-    half_written = tmp_path / "run" / "checkpoints" / "step_0000004"
+    half_written, step_4 = tmp_path / "run" / "checkpoints" / ".partial_step_0000004", tmp_path / "run" / "checkpoints" / "step_0000004"
     assert (half_written / "learner").is_dir() and not (half_written / COMPLETE).exists()
+    assert not step_4.exists()  # renamed into place only when complete
     assert latest_checkpoint(cut.out_dir).name == "step_0000002"  # the half-written one is never used
     monkeypatch.setattr(algos.checkpoint, "save_policy", real_save_policy)
     train_rl(cut, folder, resume=True)
-    assert (half_written / COMPLETE).exists()
+    assert (step_4 / COMPLETE).exists() and not half_written.exists()
     _assert_same(cut.out_dir, uninterrupted)
     assert _train_steps(tmp_path / "run") == [1, 2, 3, 4]
 

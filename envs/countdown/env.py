@@ -29,7 +29,7 @@ from .search import (
     leaf_line,
     state_line,
 )
-from .verify import true_result, verify_stream
+from .verify import MAX_DIGITS, NUM, true_result, verify_stream
 
 # ---------------------------------------------------------------------------------------------
 # Shared
@@ -111,9 +111,9 @@ class CountdownSearchConfig(CountdownConfig):
     )
 
 
-MOVE_RE = re.compile(r"^Moving to Node #\s*(\d+(?:\s*,\s*\d+)*)\s*\.?$", re.IGNORECASE)
+MOVE_RE = re.compile(r"^Moving to Node #\s*([0-9]+(?:\s*,\s*[0-9]+)*)\s*\.?$", re.IGNORECASE)
 ACTION_OP_RE = re.compile(
-    r"^(?:Exploring Operation:\s*)?(\d+)\s*([-+*/])\s*(\d+)\s*(?:=\s*(-?\d+))?\s*(?:,.*)?$",
+    rf"^(?:Exploring Operation:\s*)?({NUM})\s*([-+*/])\s*({NUM})\s*(?:=\s*(-?{NUM}))?\s*(?:,.*)?$",
     re.IGNORECASE,
 )
 
@@ -279,8 +279,13 @@ class CountdownSearchEnv(_CountdownEnv):
     def _operate(self, line: str) -> tuple[str, bool, bool]:
         """Apply an operation line. Returns (observation, valid, lost)."""
         m = ACTION_OP_RE.match(line)
+        shown = repr(line[:80]) if line else "an empty line"
+        if m is None and (long := re.search(rf"[0-9]{{{MAX_DIGITS + 1},}}", line)):
+            return self._invalid(f"{shown} holds a number of {len(long[0])} digits; the numbers here have at "
+                                 f"most {MAX_DIGITS}.")
+        if m is None and any(c.isdigit() and not c.isascii() for c in line):
+            return self._invalid(f"{shown} writes digits other than 0-9; write numbers in ASCII digits.")
         if m is None:
-            shown = repr(line[:80]) if line else "an empty line"
             return self._invalid(
                 f"{shown} is neither an operation on two current numbers (like '66-42=24') "
                 "nor 'Moving to Node #<id>'."

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -137,7 +138,7 @@ def load_problems_jsonl(path: str | Path, num_inputs: int | None = None) -> list
     """Problems from a file of one {"numbers": [...], "target": N} per line (blank lines are
     skipped). Unsolvable problems are kept and marked (solvable False). A malformed line raises
     ValueError naming the file, the line number and what is wrong."""
-    problems = []
+    problems, unsolvable = [], []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -150,6 +151,13 @@ def load_problems_jsonl(path: str | Path, num_inputs: int | None = None) -> list
                 problems.append(Problem.from_dict(record, num_inputs))
             except ValueError as e:
                 raise ValueError(f"{path}:{lineno}: {e}") from None
+            if not problems[-1].solvable:
+                unsolvable.append(lineno)
+    if unsolvable:  # kept (a user may mean to test that the policy gives up), but never silently
+        lines = ", ".join(map(str, unsolvable[:10])) + (", ..." if len(unsolvable) > 10 else "")
+        warnings.warn(f"{path}: {len(unsolvable)} of {len(problems)} problems have no solution (lines {lines}); "
+                      "they are evaluated and count as failures, so the accuracy can reach at most "
+                      f"{1 - len(unsolvable) / len(problems):.1%}", stacklevel=2)
     return problems
 
 

@@ -16,10 +16,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
-OP_RE = re.compile(r"^\s*(\d+)\s*([-+*/])\s*(\d+)\s*=\s*(-?\d+)\s*$")
-STATE_RE = re.compile(r"Current State: (\d+):\[([^\]\n]*)\], Operations: \[([^\]\n]*)\]")
+# Numbers are ASCII digits, at most MAX_DIGITS of them (no legal move comes near: 100^4 has 9), so
+# model text never reaches int()'s 4,300-digit limit and "٥" is no 5.
+MAX_DIGITS = 12
+NUM = rf"(?<![0-9])[0-9]{{1,{MAX_DIGITS}}}(?![0-9])"
+OP_RE = re.compile(rf"^\s*({NUM})\s*([-+*/])\s*({NUM})\s*=\s*(-?{NUM})\s*$")
+STATE_RE = re.compile(rf"Current State: ({NUM}):\[([^\]\n]*)\], Operations: \[([^\]\n]*)\]")
 EXPLORE_RE = re.compile(r"Exploring Operation:\s*([^\n,]*)")
-GOAL_RE = re.compile(r"(-?\d+),(-?\d+) equal: Goal Reached")
+GOAL_RE = re.compile(rf"(-?{NUM}),(-?{NUM}) equal: Goal Reached")
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ def true_result(a: int, op: str, b: int) -> tuple[int | None, str]:
         if a < b or a % b != 0:
             return None, f"{a}/{b} is not an exact division of the larger number by the smaller"
         return a // b, ""
-    return None, f"unknown operator {op!r}"
+    return None, f"unknown operator {_shown(op)}"
 
 
 def operation_error(a: int, op: str, b: int, claimed: int | None) -> str:
@@ -66,6 +70,12 @@ def operation_error(a: int, op: str, b: int, claimed: int | None) -> str:
     return ""
 
 
+def _shown(op) -> str:
+    """An operation as quoted in a verdict: model text, so cut to 80 characters."""
+    text = repr(op)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def verify_solution(numbers: Sequence[int], target: int, ops: Sequence[str]) -> Verdict:
     """Check that `ops` turns `numbers` into exactly [target], each input used exactly once."""
     ops = list(ops)
@@ -73,11 +83,11 @@ def verify_solution(numbers: Sequence[int], target: int, ops: Sequence[str]) -> 
     for k, op in enumerate(ops, start=1):
         parsed = parse_operation(op) if isinstance(op, str) else None
         if parsed is None:
-            return Verdict(False, f"operation {k} {op!r} is not of the form a+b=c", ops)
+            return Verdict(False, f"operation {k} {_shown(op)} is not of the form a+b=c", ops)
         a, sym, b, claimed = parsed
         error = operation_error(a, sym, b, claimed)
         if error:
-            return Verdict(False, f"operation {k} {op!r}: {error}", ops)
+            return Verdict(False, f"operation {k} {_shown(op)}: {error}", ops)
         need = Counter([a, b])
         for n, count in need.items():
             if pool[n] < count:
@@ -85,7 +95,7 @@ def verify_solution(numbers: Sequence[int], target: int, ops: Sequence[str]) -> 
                 times = "twice" if count == 2 else "once"
                 return Verdict(
                     False,
-                    f"operation {k} {op!r} needs {n} {times} but the numbers left are {have}",
+                    f"operation {k} {_shown(op)} needs {n} {times} but the numbers left are {have}",
                     ops,
                 )
         pool -= need
@@ -100,7 +110,7 @@ def verify_solution(numbers: Sequence[int], target: int, ops: Sequence[str]) -> 
 
 def _int_list(text: str) -> list[int] | None:
     parts = [p.strip() for p in text.split(",")] if text.strip() else []
-    if not all(re.fullmatch(r"-?\d+", p) for p in parts):
+    if not all(re.fullmatch(rf"-?{NUM}", p) for p in parts):
         return None
     return [int(p) for p in parts]
 
