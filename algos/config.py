@@ -270,14 +270,14 @@ def _describe(err: dict, schema: type[BaseModel], prefix: tuple, origin, extra_k
     loc = prefix + tuple(map(str, err["loc"]))
     if err["type"] == "value_error" and (not err["loc"] or isinstance(err.get("input"), dict)):
         # a cross-field check of a whole section (or of the recipe): its message names the keys it
-        # read; blame the one the command line set, if any, else the first one named under the section
+        # read; blame the one the command line set, if any (else the section, and the file)
         section = ".".join(loc)
         named = [k for k in dict.fromkeys(_DOTTED_KEY.findall(err["msg"]))
-                 if not section or k.startswith(section + ".")]
-        if named:
-            blamed = next((k for k in named if origin(k) == "command-line override"), named[0])
-            loc = tuple(blamed.split("."))
-            err = {**err, "loc": loc[len(prefix):]}
+                 if (not section or k.startswith(section + ".")) and origin(k) == "command-line override"]
+        if not named:  # an override elsewhere in the section is not to blame
+            return envs.describe_error(err, schema, prefix, origin(section, inside=False), extra_keys)
+        loc = tuple(named[0].split("."))
+        err = {**err, "loc": loc[len(prefix):]}
     return envs.describe_error(err, schema, prefix, origin(".".join(loc)), extra_keys)
 
 
@@ -320,10 +320,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
 
-    def origin(key: str) -> str:
-        """Where `key` was set: the command line when an override set it, a key inside it (`foo.bar=1`
-        for an unknown section `foo`) or the section holding it; else the recipe file."""
-        overridden = any(o == key or o.startswith(key + ".") or key.startswith(o + ".") for o in override_keys)
+    def origin(key: str, inside: bool = True) -> str:
+        """Where `key` was set: the command line when an override set it, the section holding it, or
+        (`inside`) a key inside it (`foo.bar=1` for an unknown section `foo`); else the recipe file."""
+        overridden = any(o == key or key.startswith(o + ".") or (inside and o.startswith(key + "."))
+                         for o in override_keys)
         return "command-line override" if overridden else f"in {path}"
 
     data.setdefault("name", path.stem)

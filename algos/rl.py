@@ -128,6 +128,7 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
                       max_episode_tokens=exp.model.max_seq_len, precision=exp.runtime.precision)
     pool = RolloutPool(spec, exp.rollout, exp.ray)
     log = MetricsLogger(run_dir, resume_from=start if resume else None)
+    bar = None
     try:
         if start > 0:
             pool.update_weights(learner.policy_state_dict(), version=start)
@@ -212,6 +213,8 @@ def train_rl(exp: Experiment, init_from: str | Path, resume: bool = False,
                       {"before RL": before, "after RL": after})
         return {"before": before, "after": after}
     finally:
+        if bar is not None:  # closed before an error line is printed
+            bar.close()
         log.close()
         pool.shutdown()
         learner.shutdown()

@@ -148,35 +148,37 @@ def train_sft(exp: Experiment, examples: list[Example], tokenizer, run_dir: str 
     engine.train()
     last = None
     t0, tokens = time.perf_counter(), 0
-    while step < cfg.steps:
-        loss_sum, routing = 0.0, {}
-        for micro in range(cfg.grad_accum):
-            idx = batches[step * cfg.grad_accum + micro]
-            batch = collate([examples[i] for i in idx], tokenizer.pad_token_id, engine.device)
-            loss, stats = sft_loss(engine, batch, exp.model.balance_coef or 0.0)
-            engine.backward(loss)
-            engine.step()
-            aux = sum(float(v) for k, v in stats.items() if k.endswith("_loss"))  # what sft_loss added
-            loss_sum += (loss.item() - aux) / cfg.grad_accum  # the LM loss
-            for k, v in stats.items():
-                routing[k] = routing.get(k, 0.0) + float(v) / cfg.grad_accum
-            tokens += int(batch["attention_mask"].sum())
-        step += 1
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            dt = time.perf_counter() - t0
-            metrics = {"loss": loss_sum, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / dt,
-                       "epoch": step * cfg.grad_accum / batches.per_epoch, **routing}
-            log.log(step, metrics, prefix="sft/")
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / dt:.0f}")
-            t0, tokens = time.perf_counter(), 0
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            last = save_checkpoint(run_dir, step, engine, tokenizer,
-                                   {"step": step, "rng": rng_state(), "phase": "sft"}, cfg.keep_checkpoints)
-        if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            engine.eval()
-            log.log(step, evaluate(engine.module, step), prefix="valid/")  # periodic evals read valid
-            engine.train()
-    bar.close()
-    log.close()
+    try:  # the bar closed before an error line is printed, the log closed whatever happens
+        while step < cfg.steps:
+            loss_sum, routing = 0.0, {}
+            for micro in range(cfg.grad_accum):
+                idx = batches[step * cfg.grad_accum + micro]
+                batch = collate([examples[i] for i in idx], tokenizer.pad_token_id, engine.device)
+                loss, stats = sft_loss(engine, batch, exp.model.balance_coef or 0.0)
+                engine.backward(loss)
+                engine.step()
+                aux = sum(float(v) for k, v in stats.items() if k.endswith("_loss"))  # what sft_loss added
+                loss_sum += (loss.item() - aux) / cfg.grad_accum  # the LM loss
+                for k, v in stats.items():
+                    routing[k] = routing.get(k, 0.0) + float(v) / cfg.grad_accum
+                tokens += int(batch["attention_mask"].sum())
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                dt = time.perf_counter() - t0
+                metrics = {"loss": loss_sum, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / dt,
+                           "epoch": step * cfg.grad_accum / batches.per_epoch, **routing}
+                log.log(step, metrics, prefix="sft/")
+                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / dt:.0f}")
+                t0, tokens = time.perf_counter(), 0
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                last = save_checkpoint(run_dir, step, engine, tokenizer,
+                                       {"step": step, "rng": rng_state(), "phase": "sft"}, cfg.keep_checkpoints)
+            if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                engine.eval()
+                log.log(step, evaluate(engine.module, step), prefix="valid/")  # periodic evals read valid
+                engine.train()
+    finally:
+        bar.close()
+        log.close()
     return last or latest_checkpoint(run_dir)
