@@ -102,3 +102,21 @@ def test_backbones_bench_runs_derived_archs_and_resumes(tmp_path):
     before = (out / "llama" / "metrics.jsonl").read_text()
     _run(*args, "--archs", "llama")  # finished: resumed, nothing trained again
     assert (out / "llama" / "metrics.jsonl").read_text() == before
+
+
+def test_numerics_bench_fingerprints_a_seeded_run_identically_on_rerun(tmp_path):
+    """On one machine the seeded main job is reproducible to the bit: a rerun into a new folder prints
+    the same success and the same weight fingerprints (across CPUs it need not: docs/countdown.md)."""
+    tiny = ["--set", "sft.steps=10", "sft.save_every=10", "sft.demos.num_examples=100", "eval.num_tasks=4",
+            "rl.eval_tasks=4", "rl.tasks_per_iter=2", "rl.group_size=2", "rl.minibatch_size=4", "rl.micro_batch_size=4",
+            "eval.max_new_tokens=100", "rl.iterations=1", "rl.save_every=1", "env.heldout_size=8", "env.valid_size=4",
+            f"data_dir={tmp_path / 'data'}"]
+
+    def table(out):
+        text = _run("bench/numerics.py", "--precisions", "fp32", "--out", str(out), *tiny)
+        assert "machine: " in text
+        return [line for line in text.splitlines() if line.startswith("| fp32 |")]
+
+    first = table(tmp_path / "a")
+    assert len(first) == 1 and len(first[0].split("|")[7].strip()) == 12  # a 12-digit fingerprint
+    assert table(tmp_path / "b") == first
