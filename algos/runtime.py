@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
-import platform
 import random
 import socket
 import time
@@ -15,6 +13,7 @@ import numpy as np
 import torch
 
 from algos.config import RuntimeConfig
+from rollout.machine import cpu_model, free_cores, machine_name, native_bf16  # noqa: F401 (re-exported)
 
 # runtime.precision -> torch dtype: the weights' dtype for fp32/bf16/fp16, the matmuls' for amp_*
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,54 +59,6 @@ def full_state_dict(engine, dtype: torch.dtype | None = None) -> dict[str, torch
     return copy()
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 matmuls in hardware: a CUDA GPU that supports bf16, or a CPU
-    with AVX512-BF16 or AMX. Elsewhere (an AVX2-only CPU) oneDNN emulates them: an SFT step of the
-    TextWorld policy ran at 471 tokens/s under amp_bf16 against 5,319 in fp32 (AMD EPYC, AVX2)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # an older torch: read the flags the kernel reports
-        try:
-            flags = open("/proc/cpuinfo").read()
-        except OSError:
-            return False
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-# the CPU flags that move this project's numbers, strongest first: AMX tiles and AVX512-BF16 make
-# bf16 matmuls native (docs/rollout.md has one table per kind), AVX2-only CPUs emulate bf16
-MATRIX_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
-
-
-def cpu_model() -> tuple[str, list[str]]:
-    """(the CPU's model name, which of MATRIX_FLAGS it reports), from /proc/cpuinfo."""
-    fields: dict[str, str] = {}
-    try:
-        for line in open("/proc/cpuinfo"):  # the first processor's block is enough
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-            if not line.strip():
-                break
-    except OSError:
-        pass
-    name = fields.get("model name") or platform.processor() or "unknown CPU"
-    return name, [f for f in MATRIX_FLAGS if f in fields.get("flags", "").split()]
-
-
-def machine_name() -> str:
-    """What a speed figure was measured on, for a bench's header: the CPU model, its matrix
-    extensions, the cores free to this process, and the CUDA GPUs when torch sees any. E.g.
-    'Intel(R) Xeon(R) Processor (amx_bf16, avx512_bf16, avx512f, avx2), 2 cores'."""
-    name, flags = cpu_model()
-    text = f"{name} ({', '.join(flags) or 'no AVX2'}), {free_cores()} cores"
-    if torch.cuda.is_available():
-        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        text += "; GPU " + ", ".join(f"{n} x{gpus.count(n)}" for n in dict.fromkeys(gpus))
-    return text
-
-
 def resolve_runtime(cfg: RuntimeConfig) -> torch.device:
     """The device this process runs on (runtime.device; auto = this process's CUDA device if it has
     one), with runtime.precision=auto resolved in place for it: amp_bf16 where bf16 is native
@@ -126,21 +77,6 @@ def resolve_runtime(cfg: RuntimeConfig) -> torch.device:
         warnings.warn(f"runtime.precision={cfg.precision} on a CPU without AVX512-BF16 or AMX: bf16 is emulated "
                       "here and training runs ~10x slower than fp32; runtime.precision=auto picks fp32 on such CPUs")
     return device
-
-
-def free_cores() -> int:
-    """The cores this process may run on: its CPU affinity (taskset, a Slurm or Ray allotment),
-    capped by a cgroup v2 CPU quota (a container's --cpus). torch's own default counts the host's
-    cores, and threads beyond the allotted cores spin against each other."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
-            quota, period = f.read().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cores)
 
 
 def busy_cores_notice(threads: int, cores: int) -> str | None:

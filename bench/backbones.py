@@ -115,7 +115,7 @@ def _active(arch: str, model, total: int) -> int:
 
 
 def main(argv=None) -> int:
-    from algos.runtime import machine_name
+    from rollout.machine import machine_name
 
     from algos.malloc import rerun_with_mimalloc
 

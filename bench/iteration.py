@@ -426,7 +426,7 @@ def best(res: dict) -> dict:
 
 
 def main() -> None:
-    from algos.runtime import machine_name
+    from rollout.machine import machine_name
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="configs/countdown3_grpo.yaml")

@@ -371,7 +371,7 @@ def main() -> None:
     # a second, shorter peak measurement: a drop means other processes took the cores during the run
     peak_after = {p: matmul_peak(p, args.peak_n, 1.0) for p in ("fp32", "bf16")}
     labels = {fw: label.format(trl=f"{trl_version} " if trl_version else "") for fw, (label, _) in FRAMEWORKS.items()}
-    from algos.runtime import machine_name
+    from rollout.machine import machine_name
 
     print(f"\nmachine: {machine_name()}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, TRL {trl_version or 'not installed'}"

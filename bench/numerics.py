@@ -67,7 +67,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench_numerics")
     p.add_argument("--rerun", action="store_true", help="redo rows already in --out")
     args = p.parse_args()
-    from algos.runtime import machine_name
+    from rollout.machine import machine_name
 
     out = Path(args.out)
     rows = [run_row(args.recipe, prec, out, args.set, args.rerun) for prec in args.precisions]

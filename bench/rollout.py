@@ -273,7 +273,7 @@ def main() -> None:
                 rows.append(Row(name, mscen, f"{label} (prefix caching)", *res["multi"]))
 
     compiled = "on" if eng._decoder is not None and eng._decoder.attend_one is not None else "off"
-    from algos.runtime import machine_name
+    from rollout.machine import machine_name
 
     print(f"\nmachine: {machine_name()}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads}, "

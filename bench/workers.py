@@ -82,7 +82,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from algos.runtime import machine_name
+    from rollout.machine import machine_name
 
     table = Table(title=f"rollout workers: {args.recipe}, {args.tasks} tasks x {args.group} episodes x "
                         f"{args.rounds} rounds, {args.cores} cores; {machine_name()}")

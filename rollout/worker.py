@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from agents.model import load_pretrained
+from rollout.machine import machine_name, native_bf16
 from rollout.runner import EpisodeRunner, RolloutConfig
 from rollout.trajectory import Trajectory
 
@@ -76,8 +77,6 @@ def engine_placement(cfg: RolloutConfig, precision: str = "fp32", hidden_size: i
         return device, cfg.dtype
     if device == "cuda":
         return device, "bfloat16"
-    from algos.runtime import native_bf16  # here, not at the top: algos.config imports this module
-
     wants_bf16 = (precision == "auto" or "bf16" in precision) and (hidden_size or 0) >= BF16_MIN_HIDDEN
     return device, "bfloat16" if wants_bf16 and native_bf16(torch.device("cpu")) else "float32"
 
@@ -85,14 +84,13 @@ def engine_placement(cfg: RolloutConfig, precision: str = "fp32", hidden_size: i
 def make_engine(backend: str, model, tokenizer, spec: WorkerSpec, cfg: RolloutConfig):
     device, dtype = engine_placement(cfg, spec.precision, getattr(model.config, "hidden_size", None))
     if cfg.dtype == "auto":
-        from algos.runtime import machine_name
-
         print(f"rollout engine ({backend}): {dtype} on {device} (rollout.dtype=auto, runtime.precision="
               f"{spec.precision}; {machine_name()})", flush=True)
     if backend == "vllm":
         from rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(spec.policy_folder, dtype=dtype, device=device, max_batch_size=cfg.max_batch_size)
+        return VLLMEngine(spec.policy_folder, dtype=dtype, device=device, max_batch_size=cfg.max_batch_size,
+                          constrain_actions=cfg.constrain_actions)
     from rollout.engine import TorchEngine
 
     return TorchEngine(model, pad_token_id=tokenizer.pad_token_id, device=device,

@@ -38,20 +38,35 @@ def test_wrong_type_names_key_and_value(tiny_recipe):
         load_config(tiny_recipe, ["model.hidden_size=wide"])
 
 
-def test_impossible_values_fail(tiny_recipe):
+def test_impossible_values_fail(tiny_recipe, monkeypatch):
     with pytest.raises(ConfigError, match=r"sft.lr.*greater than 0"):
         load_config(tiny_recipe, ["sft.lr=-1"])
     with pytest.raises(ConfigError, match=r"min_number \(50\) must be <= max_number \(20\)"):
         load_config(tiny_recipe, ["env.min_number=50"])
     with pytest.raises(ConfigError, match=r"head size .* 16 is not one vLLM can serve"):
         load_config(tiny_recipe, ["model.num_heads=4"])
-    # Constrained decoding needs an env that lists its actions, and the torch engine.
+    # Constrained decoding needs an env that lists its actions, and a backend that can mask: the torch
+    # engine, or a vLLM with per-request logits processors (0.11 or newer)
     with pytest.raises(ConfigError, match=r"'rollout.constrain_actions' \(command-line override\).*env 'countdown'"):
         load_config(tiny_recipe, ["rollout.constrain_actions=true"])
-    with pytest.raises(ConfigError, match=r"rollout.constrain_actions needs rollout.backend=torch"):
-        load_config("configs/textworld_w2o3q4_ppo.yaml", ["rollout.constrain_actions=true", "rollout.backend=vllm"])
     exp = load_config("configs/textworld_w2o3q4_ppo.yaml", ["rollout.constrain_actions=true"])
     assert exp.rollout.constrain_actions
+    import importlib.metadata
+
+    def installed(version):
+        def lookup(dist):
+            if dist != "vllm":
+                raise importlib.metadata.PackageNotFoundError(dist)
+            return version
+        return lookup
+
+    vllm_constrained = ["rollout.constrain_actions=true", "rollout.backend=vllm"]
+    with monkeypatch.context() as m:
+        m.setattr(importlib.metadata, "version", installed("0.10.1"))
+        with pytest.raises(ConfigError, match=r"needs vLLM >= 0.11 \(per-request logits processors\); vLLM 0.10.1"):
+            load_config("configs/textworld_w2o3q4_ppo.yaml", vllm_constrained)
+        m.setattr(importlib.metadata, "version", installed("0.32.0"))
+        assert load_config("configs/textworld_w2o3q4_ppo.yaml", vllm_constrained).rollout.backend == "vllm"
 
 
 def test_rollout_placement_defaults_and_refuses_a_gpu_worker_without_a_gpu(tiny_recipe, monkeypatch):
@@ -80,20 +95,20 @@ def test_rollout_dtype_auto_is_bf16_on_a_native_bf16_cpu_when_the_recipe_trains_
     emulating CPU never gets bf16."""
     import torch
 
-    from algos import runtime
+    import rollout.worker
     from rollout.worker import engine_placement
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = load_config(tiny_recipe).rollout
     for native in (True, False):
-        monkeypatch.setattr(runtime, "native_bf16", lambda device, n=native: n)
+        monkeypatch.setattr(rollout.worker, "native_bf16", lambda device, n=native: n)
         for precision in ("auto", "amp_bf16", "bf16", "fp32", "amp_fp16"):
             want = "bfloat16" if native and precision in ("auto", "amp_bf16", "bf16") else "float32"
             assert engine_placement(cfg, precision, hidden_size=512) == ("cpu", want), (native, precision)
             # a narrow policy decodes faster in fp32 whatever the CPU
             assert engine_placement(cfg, precision, hidden_size=128) == ("cpu", "float32"), (native, precision)
     # an explicit dtype is kept whatever the CPU
-    monkeypatch.setattr(runtime, "native_bf16", lambda device: True)
+    monkeypatch.setattr(rollout.worker, "native_bf16", lambda device: True)
     assert engine_placement(load_config(tiny_recipe, ["rollout.dtype=float32"]).rollout, "amp_bf16", 512) == ("cpu", "float32")
     assert engine_placement(load_config(tiny_recipe, ["rollout.dtype=bfloat16"]).rollout, "fp32", 64) == ("cpu", "bfloat16")
 
@@ -101,16 +116,16 @@ def test_rollout_dtype_auto_is_bf16_on_a_native_bf16_cpu_when_the_recipe_trains_
 def test_machine_name_names_the_cpu_model_and_its_matrix_extensions(monkeypatch, tmp_path):
     import builtins
 
-    from algos import runtime
+    from rollout import machine
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2 avx512f amx_bf16\n\n"
                        "processor\t: 1\nmodel name\t: other\n")
     real_open = builtins.open
     monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k))
-    monkeypatch.setattr(runtime, "free_cores", lambda: 3)
-    assert runtime.cpu_model() == ("Test CPU 9000", ["amx_bf16", "avx512f", "avx2"])
-    name = runtime.machine_name()
+    monkeypatch.setattr(machine, "free_cores", lambda: 3)
+    assert machine.cpu_model() == ("Test CPU 9000", ["amx_bf16", "avx512f", "avx2"])
+    name = machine.machine_name()
     assert name.startswith("Test CPU 9000 (amx_bf16, avx512f, avx2), 3 cores")
 
 def test_unknown_env_name_suggests(tiny_recipe):

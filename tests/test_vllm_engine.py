@@ -128,3 +128,52 @@ def test_two_rl_iterations_with_the_vllm_backend(tmp_path):
     trained = load_file(latest_checkpoint(exp.out_dir) / "model" / "model.safetensors")
     start = load_file(folder / "model.safetensors")
     assert any(not torch.equal(trained[k], start[k]) for k in trained)
+
+
+@pytest.fixture(scope="module")
+def constrained(tmp_path_factory):
+    from rollout.vllm_engine import VLLMEngine
+
+    model = _model(0)
+    return model, VLLMEngine.from_model(model, tmp_path_factory.mktemp("policy"), dtype="float32",
+                                        constrain_actions=True)
+
+
+CHOICES = [[[11, 12, STOPS[0]], [11, 40, 41, STOPS[0]], [90, STOPS[1]]], [[55, 56, 57, 59, STOPS[2]]], None,
+           [[7, 8, STOPS[0]], [9, STOPS[0]], [9, 10, STOPS[0]]]]
+
+
+def test_constrained_greedy_decoding_matches_the_torch_engine(constrained):
+    """rollout.constrain_actions on vLLM: the same completions, allowed sets and masked log-probs as
+    the embedded engine; a free row in the same batch decodes as it would unconstrained."""
+    model, eng = constrained
+    prompts = _prompts(4, seed=3)
+    params = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=STOPS)
+    got = eng.generate(prompts, params, choices=CHOICES)
+    ref = TorchEngine(model, pad_token_id=0).generate(prompts, params, choices=CHOICES)
+    assert [c.token_ids for c in got] == [c.token_ids for c in ref]
+    assert got[0].token_ids in CHOICES[0] and got[1].token_ids == CHOICES[1][0] and got[3].token_ids in CHOICES[3]
+    assert [c.allowed for c in got] == [c.allowed for c in ref]
+    assert got[2].allowed is None and set(got[0].allowed[0]) == {11, 90}
+    for a, b in zip(got, ref):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+    assert got[1].logprobs == [0.0] * 5  # one allowed token per step: probability 1
+    free = eng.generate(prompts[2:3], params)[0]
+    assert got[2].token_ids == free.token_ids
+
+
+def test_constrained_sampling_logprobs_are_the_masked_distributions(constrained):
+    from rollout.engine import mask_logits
+
+    model, eng = constrained
+    prompts = _prompts(8, seed=5)
+    choices = [CHOICES[i % 2] if i % 4 != 2 else CHOICES[3] for i in range(8)]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, stop_token_ids=STOPS, seed=1)
+    out = eng.generate(prompts, params, choices=choices)
+    for prompt, c, allowed in zip(prompts, out, choices):
+        assert c.token_ids in allowed and len(c.allowed) == len(c.token_ids)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1: -1]
+        masked = torch.log_softmax(mask_logits(logits, c.allowed), dim=-1)
+        ref = masked.gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+        assert torch.allclose(ref, torch.tensor(c.logprobs), atol=1e-4)
