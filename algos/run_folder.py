@@ -28,7 +28,7 @@ LOCK_FILE = ".lock"
 # errno of a storage failure a user fixes outside the program: a full disk or quota, a read-only
 # or unwritable folder, a path through a file
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
-                  errno.EFBIG, errno.EEXIST}
+                  errno.EFBIG}
 NEARLY_FULL = 64 * 2**20  # bytes free under which a failed write is blamed on the disk
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from algos.config import RuntimeConfig
-from rollout.machine import cpu_model, free_cores, machine_name, native_bf16  # noqa: F401 (re-exported)
+from rollout.machine import free_cores, native_bf16
 
 # runtime.precision -> torch dtype: the weights' dtype for fp32/bf16/fp16, the matmuls' for amp_*
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -115,11 +115,10 @@ def _active(arch: str, model, total: int) -> int:
 
 
 def main(argv=None) -> int:
-    from rollout.machine import machine_name
-
     from algos.malloc import rerun_with_mimalloc
 
     rerun_with_mimalloc()  # as launch.py: glibc's malloc grows bf16 CPU training by gigabytes
+    from rollout.machine import machine_name
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="configs/countdown3_grpo.yaml")
     ap.add_argument("--archs", nargs="+", default=ARCHS, choices=ARCHS)

@@ -1,6 +1,6 @@
 """The machine a process runs on, as the speed choices need it: whether bf16 matmuls are native,
-the cores free to this process, and a name for a bench's header. Below algos/ (which re-exports
-these from algos.runtime) so that the rollout workers can choose their engine's dtype with them."""
+the cores free to this process, and a name for a bench's header. Here, below algos/ (whose
+runtime uses them too), so that the rollout workers can choose their engine's dtype with them."""
 from __future__ import annotations
 
 import math
@@ -19,11 +19,7 @@ def native_bf16(device: torch.device) -> bool:
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # an older torch: read the flags the kernel reports
-        try:
-            flags = open("/proc/cpuinfo").read()
-        except OSError:
-            return False
-        return "avx512_bf16" in flags or "amx_bf16" in flags
+        return bool({"avx512_bf16", "amx_bf16"} & set(cpu_model()[1]))
 
 
 # the CPU flags that move this project's numbers, strongest first: AMX tiles and AVX512-BF16 make

