@@ -301,6 +301,11 @@ class TorchEngine(InferenceEngine):
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0}
         self._trace: RoutingTrace | None = None  # the running chunk's routing (a MoE decoder's)
 
+    @property
+    def decoder_attention(self) -> str | None:
+        """Which decode attention the cached forward runs, and why (None: the model's own forward)."""
+        return getattr(self._decoder, "attention_choice", None)
+
     # -- sessions -----------------------------------------------------------------------------
     @property
     def num_sessions(self) -> int:

@@ -3,7 +3,8 @@ says whether it works on this machine.
 
 * attention: torch's SDPA (`sdpa`), and for decode steps (one query per row) the same math as
   plain reductions (`decode_attention`), compiled by inductor (`compiled_decode_attention`);
-  both take `(q, k, v, bias, scale)` and read grouped-query heads without repeating k/v.
+  both take `(q, k, v, bias, scale)` and read grouped-query heads without repeating k/v;
+  `pick_decode_attention` times the two on this CPU and says which one decode steps use.
 * matmuls: whether oneDNN's prepacked linear ops run here and agree with `F.linear`
   (`onednn_linear_works`).
 
@@ -60,6 +61,54 @@ def compiled_decode_attention(dtype: torch.dtype):
             fn = None
         _COMPILED_ATTENTION[dtype] = fn
     return _COMPILED_ATTENTION[dtype]
+
+
+_PICKED: dict[tuple, tuple] = {}  # (dtype, H, KV, D) -> (compiled function or None, reason)
+
+
+def _best_seconds(fn, reps: int = 5, calls: int = 3) -> float:
+    import time
+
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def _time_decode_kernels(compiled, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> tuple[float, float]:
+    """Seconds per call of SDPA and of `compiled` on a decode step of 32 rows x 128 cached columns."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(32, heads, 1, head_dim, generator=g).to(dtype)
+    k, v = (torch.randn(32, kv_heads, 128, head_dim, generator=g).to(dtype) for _ in range(2))
+    bias = torch.zeros(32, 1, 1, 128, dtype=dtype)
+    return _best_seconds(lambda: sdpa(q, k, v, bias, 0.125)), _best_seconds(lambda: compiled(q, k, v, bias, 0.125))
+
+
+def pick_decode_attention(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+                          margin: float = 0.9) -> tuple[object | None, str]:
+    """The compiled decode attention if it builds, agrees with SDPA and beats it on this CPU, else
+    None (use SDPA); with the reason, for the run log. Which one is faster depends on the CPU: on
+    an AMD EPYC the compiled kernel took 0.6x SDPA's time in bf16, on an Intel Xeon with AMX SDPA
+    took 0.7x the compiled kernel's (docs/rollout.md). Timed once per process and shape (~50 ms
+    after the kernel is compiled); the compiled kernel must take less than `margin` x SDPA's time,
+    so that timing noise does not flip the choice between near-equals."""
+    key = (dtype, heads, kv_heads, head_dim)
+    if key not in _PICKED:
+        compiled = compiled_decode_attention(dtype)
+        if compiled is None:
+            _PICKED[key] = None, "sdpa (the compiled kernel does not build or agree here)"
+        else:
+            t_sdpa, t_compiled = _time_decode_kernels(compiled, dtype, heads, kv_heads, head_dim)
+            ratio = t_compiled / t_sdpa
+            if t_compiled < margin * t_sdpa:
+                _PICKED[key] = compiled, f"compiled ({ratio:.2f}x SDPA's time on this CPU)"
+            else:
+                _PICKED[key] = None, f"sdpa (the compiled kernel took {ratio:.2f}x its time on this CPU)"
+    return _PICKED[key]
 
 
 def onednn_linear_works(dtype: torch.dtype) -> bool:

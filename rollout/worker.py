@@ -93,8 +93,11 @@ def make_engine(backend: str, model, tokenizer, spec: WorkerSpec, cfg: RolloutCo
                           constrain_actions=cfg.constrain_actions)
     from rollout.engine import TorchEngine
 
-    return TorchEngine(model, pad_token_id=tokenizer.pad_token_id, device=device,
-                       dtype=getattr(torch, dtype), max_batch_size=cfg.max_batch_size)
+    engine = TorchEngine(model, pad_token_id=tokenizer.pad_token_id, device=device,
+                         dtype=getattr(torch, dtype), max_batch_size=cfg.max_batch_size)
+    if engine.decoder_attention:
+        print(f"rollout engine (torch): decode attention {engine.decoder_attention}", flush=True)
+    return engine
 
 
 class RolloutWorker:

@@ -236,6 +236,34 @@ def test_each_forward_path_with_gqa_matches_plain_decoding(mode, kv_heads):
         prompts = _next_prompts(prompts, out, seed=14 + turn)
 
 
+def test_decode_attention_is_picked_by_timing_it_on_this_cpu(monkeypatch):
+    """compile_attention=None in bf16 on CPU: the compiled decode kernel only where it is timed
+    faster than SDPA (it is on an AMD EPYC, not on a Xeon with AMX), and the engine says which."""
+    from rollout import kernels
+
+    compiled = kernels.compiled_decode_attention(torch.bfloat16)
+    if compiled is None:
+        assert not (shutil.which("g++") or shutil.which("c++")), "the compiled decode attention was refused"
+        pytest.skip("torch.compile cannot build CPU kernels here (no C++ compiler)")
+    for compiled_seconds, picked in ((1.0, None), (0.5, compiled), (0.95, None)):  # SDPA takes 1.0 s
+        kernels._PICKED.clear()
+        monkeypatch.setattr(kernels, "_time_decode_kernels", lambda *a, s=compiled_seconds: (1.0, s))
+        eng = TorchEngine(_fresh_model(5), pad_token_id=0, dtype=torch.bfloat16)
+        assert eng._decoder.attend_one is picked
+        assert eng.decoder_attention.startswith("compiled" if picked else "sdpa")
+        assert f"{compiled_seconds:.2f}x" in eng.decoder_attention
+    kernels._PICKED.clear()
+    monkeypatch.setattr(kernels, "compiled_decode_attention", lambda dtype: None)
+    eng = TorchEngine(_fresh_model(5), pad_token_id=0, dtype=torch.bfloat16)
+    assert eng._decoder.attend_one is None and "does not build" in eng.decoder_attention
+    kernels._PICKED.clear()
+    # fp32, or an explicit choice, is not timed
+    assert TorchEngine(_fresh_model(5), pad_token_id=0).decoder_attention == "sdpa"
+    assert TorchEngine(_fresh_model(5), pad_token_id=0, dtype=torch.bfloat16,
+                       compile_attention=False).decoder_attention == "sdpa"
+    assert TorchEngine(_fresh_model(5), pad_token_id=0, fast_forward=False).decoder_attention is None
+
+
 def test_in_place_weight_changes_are_seen():
     """The lean forward's fused weights follow in-place changes to the model (e.g. an optimizer step)."""
     model = _fresh_model(4)

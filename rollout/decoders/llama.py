@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from agents.broadcast import add_uniform, allowed_keys, uniform_weights
-from rollout.kernels import compiled_decode_attention, onednn_linear_works, sdpa
+from rollout.kernels import compiled_decode_attention, onednn_linear_works, pick_decode_attention, sdpa
 
 # oneDNN's linear ops on prepacked weights (None in builds without them; `onednn_linear_works` says)
 _linear_pointwise = getattr(torch.ops.mkldnn, "_linear_pointwise", None)  # act(x @ w.T + b)
@@ -98,11 +98,17 @@ class LlamaDecoder:
         p = next(model.parameters())
         self.onednn = p.device.type == "cpu" and onednn_linear_works(p.dtype)
         # Decode steps (one query per row) may use the compiled attention. None = on CPU in 16-bit
-        # precision only: there torch's SDPA is slowest; in fp32 the compiled call's fixed overhead
-        # eats the gain on small models, and CUDA's SDPA kernels are fine. Multi-token prefill keeps SDPA.
-        if compile_attention is None:
-            compile_attention = p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16)
-        self.attend_one = compiled_decode_attention(p.dtype) if compile_attention else None
+        # precision where it is faster than SDPA on this CPU (timed once: it is on an AMD EPYC, not
+        # on an Intel Xeon with AMX); in fp32 the compiled call's fixed overhead eats the gain on
+        # small models, and CUDA's SDPA kernels are fine. Multi-token prefill keeps SDPA.
+        self.attention_choice = "sdpa"
+        if compile_attention is None and p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16):
+            self.attend_one, self.attention_choice = pick_decode_attention(
+                p.dtype, self.n_heads, self.n_kv, self.head_dim)
+        else:
+            self.attend_one = compiled_decode_attention(p.dtype) if compile_attention else None
+            if self.attend_one is not None:
+                self.attention_choice = "compiled (compile_attention=True)"
         self._key = None  # the parameters' (pointer, version) when the weights were last read
         # model.context_broadcast (agents/broadcast.py): each head adds the mean of the cached values
         # over the keys its mask allows; the weights [n, 1, t, T] are made once per call

@@ -48,6 +48,7 @@ class RoutedAttentionDecoder(LlamaDecoder):
         cfg = model.config
         self.region_size, self.top_regions, self.local_conv = cfg.region_size, cfg.top_regions, cfg.local_conv
         self.attend_one = None  # see the class docstring
+        self.attention_choice = "sdpa (routed attention)"
         self._plan: RoutingPlan | None = None  # this call's, shared by its layers
 
     @staticmethod
