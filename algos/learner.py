@@ -57,10 +57,12 @@ from algos.losses import (
 from algos.runtime import (
     all_reduce_sum,
     autocast,
+    compile_for_training,
     dist_rank_world,
     full_state_dict,
     grad_norm,
     init_deepspeed,
+    optimizer_options,
     param_dtype,
     resolve_runtime,
 )
@@ -197,12 +199,16 @@ class Learner:
 
     def _engine(self, module: nn.Module, lr: float, grad_clip: float):
         cfg = self.cfg
-        optimizer = self.optimizer_cls(module.parameters(), lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        runtime = self.exp.runtime
+        optimizer = self.optimizer_cls(module.parameters(), lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                                       **optimizer_options(runtime, self.optimizer_cls))
         warm = cfg.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         # DeepSpeed's own accumulation count is 1: update() marks each mini-batch's last micro-batch
         # as the accumulation boundary itself (a mini-batch may hold any number of micro-batches).
-        return init_deepspeed(module, optimizer, scheduler, self.exp.runtime, cfg.micro_batch_size, 1, grad_clip)
+        engine = init_deepspeed(module, optimizer, scheduler, runtime, cfg.micro_batch_size, 1, grad_clip)
+        compile_for_training(engine.module, runtime, self.device)
+        return engine
 
     @property
     def policy(self) -> nn.Module:

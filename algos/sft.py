@@ -23,7 +23,8 @@ from agents.moe import RouterTap, expert_stats, parameter_counts
 from algos.checkpoint import latest_checkpoint, load_learner_state, load_policy, save_checkpoint
 from algos.config import Experiment
 from algos.metrics import MetricsLogger
-from algos.runtime import init_deepspeed, param_dtype, resolve_runtime, rng_state, set_rng_state
+from algos.runtime import (compile_for_training, init_deepspeed, optimizer_options, param_dtype, resolve_runtime,
+                            rng_state, set_rng_state)
 
 IGNORE = -100  # label value the cross-entropy skips
 
@@ -124,9 +125,11 @@ def train_sft(exp: Experiment, examples: list[Example], tokenizer, run_dir: str 
         model = build_model(exp.model, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
                             tokenizer.eos_token_id)
     model = model.to(device=device, dtype=param_dtype(exp.runtime.precision))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                                  **optimizer_options(exp.runtime, torch.optim.AdamW))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
     engine = init_deepspeed(model, optimizer, scheduler, exp.runtime, cfg.batch_size, cfg.grad_accum, cfg.grad_clip)
+    compile_for_training(engine.module, exp.runtime, device)
     batches = BucketedBatches([len(e.input_ids) for e in examples], cfg.batch_size, exp.seed)
 
     step = 0

@@ -18,6 +18,11 @@ before the clock starts, so only the update is timed.
     pass too (the ratio is exactly 1 on-policy): both do the same FLOPs per token. GRPOConfig
     turns gradient checkpointing on by default: row "trl" turns it off (as Turnstile, the matched
     comparison and the one `speedup` divides by), row "trl-gc" keeps TRL's default.
+  * Compiled rows: "turnstile-compiled" sets `runtime.compile: true` (torch.compile of the policy, on
+    CPU with transformers' eager attention, and the fused AdamW); "trl-compiled" gives TRL the same
+    (`torch_compile=True`, the model loaded with `attn_implementation="eager"`; TRL's default optimizer is
+    the fused AdamW already).
+    Their first (warm-up) update pays the compiling.
 
 The first update of each run is a warm-up and is not counted. Each framework runs in its own child
 process (TRL's accelerate and DeepSpeed's process group must not meet). FLOP counts and the matmul
@@ -25,6 +30,7 @@ peak are explained in docs/learner_bench.md.
 
     python bench/learner.py                          # both models, fp32 (~2.5 minutes on 2 idle cores)
     python bench/learner.py --precision amp_bf16     # bf16 autocast on both sides
+    python bench/learner.py --precision bf16         # Turnstile: bf16 weights, fp32 master copies (TRL autocasts)
     python bench/learner.py --quick                  # small shapes, smoke check
     /path/to/venv-with-trl/bin/python bench/learner.py   # TRL rows need `pip install -e '.[peers]'`
 """
@@ -55,6 +61,8 @@ FRAMEWORKS = {
     "turnstile": ("Turnstile Learner (DeepSpeed)", 3),  # fwd + bwd (2x); on-policy: no old-logprob pass
     "trl": ("TRL {trl}GRPOTrainer", 3),  # fwd + bwd; on-policy TRL reuses the fwd as the old log-probs
     "trl-gc": ("TRL {trl}GRPOTrainer, grad ckpt", 4),  # + the forward recomputed in the backward
+    "turnstile-compiled": ("Turnstile Learner, runtime.compile", 3),
+    "trl-compiled": ("TRL {trl}GRPOTrainer, torch_compile", 3),
 }
 
 
@@ -121,7 +129,8 @@ def turnstile_worker(spec: dict) -> dict:
     n_seq = spec["prompts"] * spec["group"]
     exp = Experiment.model_validate({
         "name": "learner_bench", "out_dir": spec["tmp"], "data_dir": spec["tmp"], "env": {"name": "bench"},
-        "runtime": {"device": "cpu", "precision": spec["precision"], "threads": spec["threads"]},
+        "runtime": {"device": "cpu", "precision": spec["precision"], "threads": spec["threads"],
+                    "compile": spec["framework"] == "turnstile-compiled"},
         "rl": {"algo": "grpo", "tasks_per_iter": spec["prompts"], "group_size": spec["group"], "epochs": 1,
                "minibatch_size": n_seq, "micro_batch_size": spec["micro"], "lr": spec["lr"], "grad_clip": 1.0,
                "kl_coef": 0.0, "entropy_coef": 0.0, "tis_cap": 0.0},
@@ -144,7 +153,8 @@ def turnstile_worker(spec: dict) -> dict:
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return {"step_s": times[spec["warmup"]:], "warmup_s": times[:spec["warmup"]], "cpu_s": cpu[spec["warmup"]:],
-            "train_tokens": metrics.get("train_tokens"), "policy_loss": metrics.get("policy_loss")}
+            "train_tokens": metrics.get("train_tokens"), "policy_loss": metrics.get("policy_loss"),
+            "compiled": learner.policy._compiled_call_impl is not None}
 
 
 def trl_worker(spec: dict) -> dict:
@@ -197,7 +207,10 @@ def trl_worker(spec: dict) -> dict:
             self.cpu.append(time.process_time() - self.c0)
 
     tok = PreTrainedTokenizerFast.from_pretrained(spec["tokenizer"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    compiled = spec["framework"] == "trl-compiled"
+    # the compiled row gets what runtime.compile gives Turnstile: eager attention for inductor to fuse
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32,
+                                                 attn_implementation="eager" if compiled else None)
     n_steps = spec["warmup"] + spec["steps"]
     data = Dataset.from_dict({"prompt": [f"p{s}_{p}" for s in range(n_steps) for p in range(spec["prompts"])]})
     config = GRPOConfig(
@@ -206,7 +219,9 @@ def trl_worker(spec: dict) -> dict:
         num_generations=g, max_completion_length=spec["lc"], max_steps=n_steps, num_iterations=1,
         shuffle_dataset=False, learning_rate=spec["lr"], adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0,
         max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0, beta=0.0,
-        bf16=spec["precision"] == "amp_bf16", fp16=False,
+        # TRL's only bf16 mode is autocast (bf16=True); it has no bf16 weights with fp32 master copies
+        bf16="bf16" in spec["precision"], fp16=False,
+        torch_compile=compiled,  # (TRL's default optimizer is torch's fused AdamW already)
         # GRPOConfig turns gradient checkpointing on by default (recomputes each forward in the backward);
         # "trl" matches Turnstile (off), "trl-gc" keeps TRL's default
         gradient_checkpointing=spec["framework"] == "trl-gc",
@@ -228,7 +243,7 @@ def trl_worker(spec: dict) -> dict:
 
 def child_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    fn = turnstile_worker if spec["framework"] == "turnstile" else trl_worker
+    fn = turnstile_worker if spec["framework"].startswith("turnstile") else trl_worker
     print(RESULT + json.dumps(fn(spec)), flush=True)
 
 
@@ -283,8 +298,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2x4 sequences of 16+32 tokens, 1 timed step")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--precision", choices=["fp32", "amp_bf16"], default="fp32",
-                    help="amp_bf16: fp32 weights, bf16 autocast (Turnstile runtime.precision; TRL bf16=True)")
+    ap.add_argument("--precision", choices=["fp32", "amp_bf16", "bf16"], default="fp32",
+                    help="amp_bf16: fp32 weights, bf16 autocast (Turnstile runtime.precision; TRL bf16=True); "
+                         "bf16: Turnstile with bf16 weights and fp32 master copies (DeepSpeed), TRL autocast")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--prompts", type=int, default=4, help="P: prompts per step")
     ap.add_argument("--group", type=int, default=8, help="G: sequences per prompt")
@@ -295,7 +311,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--tiny-steps", type=int, default=5, help="timed steps for the tiny model")
     ap.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=list(FRAMEWORKS),
-                    help="trl: TRL with gradient checkpointing off (as Turnstile); trl-gc: TRL's default (on)")
+                    help="trl: TRL with gradient checkpointing off (as Turnstile); trl-gc: TRL's default (on); "
+                         "*-compiled: torch.compile on either side")
     ap.add_argument("--peak-n", type=int, default=2048, help="matrix size of the peak matmul loop")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     ap.add_argument("--child", metavar="SPEC", help=argparse.SUPPRESS)
@@ -320,7 +337,7 @@ def main() -> None:
 
         trl_version = version("trl")
     peak = {p: matmul_peak(p, args.peak_n, 1.0 if args.quick else 3.0) for p in ("fp32", "bf16")}
-    peak_key = "bf16" if args.precision == "amp_bf16" else "fp32"
+    peak_key = "bf16" if "bf16" in args.precision else "fp32"
     print(f"matmul peak ({args.peak_n}x{args.peak_n}, {args.threads} threads): fp32 {peak['fp32']:.1f} GFLOP/s, "
           f"bf16 {peak['bf16']:.1f} GFLOP/s", flush=True)
 

@@ -30,12 +30,14 @@ def test_rollout_bench_prints_every_backend_row():
 
 def test_learner_bench_writes_its_rows(tmp_path):
     path = tmp_path / "rows.json"
-    _run("bench/learner.py", "--quick", "--models", "tiny-h128-L4", "--frameworks", "turnstile", "--threads", "1",
-         "--json", str(path))
+    _run("bench/learner.py", "--quick", "--models", "tiny-h128-L4", "--frameworks", "turnstile",
+         "turnstile-compiled", "--threads", "1", "--json", str(path))
     report = json.loads(path.read_text())
-    assert [(r["model"], r["framework"]) for r in report["rows"]] == [("tiny-h128-L4", "turnstile")]
-    row = report["rows"][0]
-    assert row["tokens"] == 2 * 4 * (16 + 32) and row["tps"] > 0 and 0 < row["pct"] < 150, row
+    assert [(r["model"], r["framework"]) for r in report["rows"]] == [("tiny-h128-L4", "turnstile"),
+                                                                      ("tiny-h128-L4", "turnstile-compiled")]
+    for row, compiled in zip(report["rows"], (False, True)):
+        assert row["tokens"] == 2 * 4 * (16 + 32) and row["tps"] > 0 and 0 < row["pct"] < 150, row
+        assert row["detail"]["compiled"] is compiled  # the row ran Turnstile's learner, compiled or not
     assert report["peak_gflops"]["fp32"] > 0
 
 

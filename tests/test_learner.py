@@ -302,3 +302,42 @@ def test_a_world_of_one_gets_a_fresh_port_and_a_launchers_variables_are_kept(mon
     monkeypatch.setenv("WORLD_SIZE", "2")
     ensure_process_group_env()
     assert (os.environ["MASTER_PORT"], os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("29511", "1", "2")
+
+
+# -- runtime.compile -------------------------------------------------------------------------------
+
+
+def test_compiled_learner_takes_the_same_step_as_the_eager_one(tmp_path):
+    """runtime.compile: the policy runs compiled (on CPU with transformers' eager attention, which
+    inductor fuses), the update equals the eager one within fp32 round-off, the parameters and
+    their names stay the module's own, and a torch AdamW gets its fused kernel."""
+    trajs = synthetic_episodes(8)
+    tok = tiny_tokenizer()
+    after = {}
+    for compiled in (False, True):
+        exp = rl_experiment(tmp_path, minibatch_size=8, micro_batch_size=8, epochs=1, lr=0.5)
+        exp.runtime.compile = compiled
+        learner = Learner(exp, tiny_policy(tok), tok.pad_token_id, optimizer_cls=sgd)
+        assert (learner.policy._compiled_call_impl is not None) == compiled
+        assert learner.policy.config._attn_implementation == ("eager" if compiled else "sdpa")
+        learner.update(trajs, seed=0)
+        after[compiled] = learner.policy_state_dict()
+    start = tiny_policy(tok).state_dict()
+    assert after[True].keys() == after[False].keys() == start.keys()
+    assert any(not torch.allclose(after[True][k], start[k]) for k in start)
+    for k in start:
+        torch.testing.assert_close(after[True][k] - start[k], after[False][k] - start[k], rtol=1e-3, atol=1e-6,
+                                   msg=k)
+    exp = rl_experiment(tmp_path)
+    exp.runtime.compile = True
+    optimizer = Learner(exp, tiny_policy(tok), tok.pad_token_id).engine.optimizer
+    assert getattr(optimizer, "optimizer", optimizer).defaults["fused"] is True
+
+
+def test_compile_refuses_zero_3(tmp_path):
+    from algos.config import Experiment
+
+    cfg = rl_experiment(tmp_path).model_dump()
+    cfg["runtime"].update(compile=True, zero_stage=3)
+    with pytest.raises(ValueError, match="runtime.compile=true cannot run with runtime.zero_stage=3"):
+        Experiment.model_validate(cfg)
