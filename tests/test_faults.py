@@ -100,6 +100,10 @@ def test_sft_killed_between_checkpoints_then_resumed_logs_each_step_once(tiny_re
     monkeypatch.setattr(algos.metrics.MetricsLogger, "log", real_log)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "sft/loss" in r] == [1, 2, 3]
+    # TensorBoard reads a run's event files in name order: time in seconds, host, pid, then a
+    # per-process writer count that sorts as text ("10" < "9"). A resumed run is a later process in
+    # a later second; in this one process, within one second, the count alone would order them.
+    time.sleep(1.1)
     assert launch.main(["sft", str(tiny_recipe), "--resume"]) == 0
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "sft/loss" in r] == [1, 2, 3, 4]
