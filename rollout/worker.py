@@ -95,7 +95,7 @@ def make_engine(backend: str, model, tokenizer, spec: WorkerSpec, cfg: RolloutCo
 
     engine = TorchEngine(model, pad_token_id=tokenizer.pad_token_id, device=device,
                          dtype=getattr(torch, dtype), max_batch_size=cfg.max_batch_size)
-    if engine.decoder_attention:
+    if engine.decoder_attention not in (None, "sdpa"):  # a choice was made (timed, or forced): say which
         print(f"rollout engine (torch): decode attention {engine.decoder_attention}", flush=True)
     return engine
 
