@@ -12,6 +12,8 @@ Why each exists, and what it gained, is in docs/rollout.md.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -67,8 +69,6 @@ _PICKED: dict[tuple, tuple] = {}  # (dtype, H, KV, D) -> (compiled function or N
 
 
 def _best_seconds(fn, reps: int = 5, calls: int = 3) -> float:
-    import time
-
     fn()  # warm-up
     best = float("inf")
     for _ in range(reps):
@@ -93,7 +93,7 @@ def pick_decode_attention(dtype: torch.dtype, heads: int, kv_heads: int, head_di
     """The compiled decode attention if it builds, agrees with SDPA and beats it on this CPU, else
     None (use SDPA); with the reason, for the run log. Which one is faster depends on the CPU: on
     an AMD EPYC the compiled kernel took 0.6x SDPA's time in bf16, on an Intel Xeon with AMX SDPA
-    took 0.7x the compiled kernel's (docs/rollout.md). Timed once per process and shape (~50 ms
+    took 0.5-0.7x the compiled kernel's (docs/rollout.md). Timed once per process and shape (~50 ms
     after the kernel is compiled); the compiled kernel must take less than `margin` x SDPA's time,
     so that timing noise does not flip the choice between near-equals."""
     key = (dtype, heads, kv_heads, head_dim)
