@@ -184,6 +184,22 @@ def test_first_observation_and_info_keys(source):
     assert env.observation_space.contains(obs)
 
 
+def test_show_objective_repeats_the_goal_after_each_reply_until_the_end(source):
+    task = source.tasks("train")[0]
+    plain = envs.make("textworld", complexity=COMPLEXITY)
+    shown = envs.make("textworld", complexity=COMPLEXITY, show_objective=True)
+    obs_plain, info, steps_plain = play(plain, task, task["walkthrough"])
+    obs_shown, _, steps_shown = play(shown, task, task["walkthrough"])
+    objective = info["objective"]
+    assert objective and obs_shown == obs_plain  # the first observation always has it
+    for (reply, *_), (obs, *_, info_step) in zip(steps_plain[:-1], steps_shown[:-1]):
+        assert objective not in reply
+        assert obs == reply + "\n\n" + objective and not info_step["won"]
+    assert steps_shown[-1][4]["won"] and objective not in steps_shown[-1][0]  # none after the win
+    demo = next(iter(envs.demonstrations("textworld", source, "train", n=1, show_objective=True)))
+    assert all(objective in turn["observation"] for turn in demo["turns"])
+
+
 def test_unknown_command_gets_the_games_reply_and_the_episode_goes_on(source):
     env = envs.make("textworld", complexity=COMPLEXITY)
     task = source.tasks("train")[0]

@@ -152,6 +152,8 @@ class TextWorldConfig(BaseEnvConfig):
                                                       "observation (the first always has it)")
     show_inventory: bool = Field(False, description="append the inventory to every observation "
                                                     "(the first always has it)")
+    show_objective: bool = Field(False, description="repeat the objective after the game's reply in "
+                                                    "every observation (the first always has it)")
 
     @field_validator("complexity")
     @classmethod

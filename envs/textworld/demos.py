@@ -37,7 +37,8 @@ from .env import TextWorldEnv
 from .format import ACTION_PREFIX
 from .tasks import TextWorldTasks
 
-DISPLAY_OPTIONS = ("admissible_commands", "show_description", "show_inventory", "max_turns")
+DISPLAY_OPTIONS = ("admissible_commands", "show_objective", "show_description", "show_inventory",
+                   "max_turns")
 
 
 class TextWorldDemoOptions(DemoOptions):

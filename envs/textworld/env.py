@@ -4,8 +4,9 @@ Observations (plain text, the game's own words, cleaned of its prompt/status lin
 indentation Inform uses to centre text, and of the end-of-game offer to RESTART/RESTORE/UNDO):
 
   reset   the objective, the room description and the inventory, each a paragraph
-  step    the game's reply to the command; then, when configured, the room description
-          (show_description) and the inventory (show_inventory)
+  step    the game's reply to the command; then, when configured, the objective again
+          (show_objective), the room description (show_description) and the inventory
+          (show_inventory)
   both    a last line "Admissible commands: a, b, c" when admissible_commands is true
           (info["admissible_actions"] always holds them)
 
@@ -253,6 +254,9 @@ class TextWorldEnv(GameFileEnv):
         self._over = terminated or truncated
         parts = [feedback]
         if not terminated:
+            if self.config.show_objective:
+                # A small policy must otherwise recall at turn 8 a goal it read once at turn 0.
+                parts.append(clean_text(state.objective))
             parts += self._extras(state, self.config.show_description, self.config.show_inventory)
         info = make_info(
             won,
