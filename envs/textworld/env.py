@@ -181,8 +181,10 @@ class TextWorldEnv(GameFileEnv):
         commands = list(getattr(state, "admissible_commands", None) or [])
         return [c for c in commands if not _is_blocked(c)]
 
-    def _extras(self, state, description: bool, inventory: bool) -> list[str]:
+    def _extras(self, state, objective: bool, description: bool, inventory: bool) -> list[str]:
         parts = []
+        if objective and clean_text(state.objective):
+            parts.append(clean_text(state.objective))
         if description and clean_text(state.description):
             parts.append(clean_text(state.description))
         if inventory and clean_text(state.inventory):
@@ -212,8 +214,7 @@ class TextWorldEnv(GameFileEnv):
         self._max_score = int(state.max_score or 0)
         self._paid = 0.0
         self._over = False
-        parts = [clean_text(state.objective)] if clean_text(state.objective) else []
-        parts += self._extras(state, description=True, inventory=True)
+        parts = self._extras(state, objective=True, description=True, inventory=True)
         info = make_info(
             False, {}, self._admissible(state), lost=False, score=self._score,
             max_score=self._max_score, intermediate_reward=0.0, turn=0, max_turns=self.max_turns,
@@ -254,10 +255,8 @@ class TextWorldEnv(GameFileEnv):
         self._over = terminated or truncated
         parts = [feedback]
         if not terminated:
-            if self.config.show_objective:
-                # A small policy must otherwise recall at turn 8 a goal it read once at turn 0.
-                parts.append(clean_text(state.objective))
-            parts += self._extras(state, self.config.show_description, self.config.show_inventory)
+            parts += self._extras(state, self.config.show_objective, self.config.show_description,
+                                  self.config.show_inventory)
         info = make_info(
             won,
             {"score": delta, "intermediate": intermediate, "progress": progress,
